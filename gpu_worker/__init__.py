@@ -1,0 +1,8 @@
+"""GPU worker: the inference engine (continuous batching over a paged KV cache) and its process."""
+
+from gpu_worker.config import EngineConfig
+from gpu_worker.engine import Engine
+from gpu_worker.request import Completion, Request, TokenDelta
+from gpu_worker.sampling_params import SamplingParams
+
+__all__ = ["Completion", "Engine", "EngineConfig", "Request", "SamplingParams", "TokenDelta"]

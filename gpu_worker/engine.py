@@ -1,0 +1,226 @@
+"""Engine: the offline API (`generate`) and the step-level API the worker process drives.
+
+    engine = Engine(EngineConfig(model="path/to/hf_model_dir"))
+    engine.add_request(Request(prompt=[1, 2, 3], params=SamplingParams(max_tokens=8)))
+    while engine.has_unfinished():
+        for delta in engine.step(): ...
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gpu_worker.block_manager import BlockManager
+from gpu_worker.config import EngineConfig
+from gpu_worker.model.loader import load_model
+from gpu_worker.model_runner import ModelRunner, kv_block_bytes
+from gpu_worker.request import Completion, Request, SeqStatus, Sequence, TokenDelta
+from gpu_worker.sampler import Sampler, SamplingBatch, make_generator
+from gpu_worker.sampling_params import SamplingParams
+from gpu_worker.scheduler import Scheduler
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, detokenize: Callable[[list[int]], str] | None = None):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model, self.hf_config = load_model(config.model, config.torch_dtype, self.device)
+        if config.quantization == "nf4":
+            for layer in self.model.linear_layers().values():
+                layer.quantize_nf4(config.torch_dtype)
+        args = self.model.args
+        self.vocab_size = args.vocab_size
+        self.max_model_len = min(config.max_model_len or args.max_position, args.max_position)
+        if args.sliding_window:
+            self.max_model_len = min(self.max_model_len, args.sliding_window)
+        self.eos_ids = _eos_ids(self.hf_config)
+        num_blocks = config.num_kv_blocks or max(
+            1, config.kv_cache_bytes // kv_block_bytes(self.model, config.block_size, config.torch_dtype))
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_prefix_caching)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.torch_dtype, self.device)
+        self.sampler = Sampler()
+        self._detokenize = detokenize or load_detokenizer(config.tokenizer or config.model)
+        self._seqs: dict[str, Sequence] = {}
+        self._finished: dict[str, Sequence] = {}
+        self.num_steps = 0
+
+    # --- step-level API -------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> str:
+        """Validates and queues a request; raises ValueError naming the bad field (nothing is queued then)."""
+        self._validate(request)
+        request_id = request.request_id or uuid.uuid4().hex
+        if request_id in self._seqs:
+            raise ValueError(f"Request.request_id {request_id!r} is already in flight")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise ValueError(f"engine queue full ({self.config.max_waiting} waiting requests); retry later")
+        deadline = None if request.deadline_ms is None else time.monotonic() + request.deadline_ms / 1000
+        seq = Sequence(request_id=request_id, prompt_len=len(request.prompt), token_ids=list(request.prompt),
+                       params=request.params, adapters=tuple(request.adapters),
+                       cache_key=self._cache_key(request.adapters), priority=request.priority,
+                       deadline=deadline, generator=make_generator(request.params.seed, self.device))
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.abort(request_id)
+        seq.finish_reason, seq.status = "abort", SeqStatus.FINISHED
+        self._finished[request_id] = seq
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[TokenDelta]:
+        """Runs one batched forward pass; returns the new tokens and the ends of requests."""
+        batch = self.scheduler.schedule()
+        deltas = [self._end(seq, "deadline") for seq in batch.expired]
+        if not batch.chunks:
+            return deltas
+        logits, samplers = self.runner.run(batch.chunks)
+        self.scheduler.on_computed(batch)
+        self.num_steps += 1
+        if samplers:
+            deltas += self._sample(logits, samplers)
+        return deltas
+
+    def take_completion(self, request_id: str) -> Completion:
+        return self._finished.pop(request_id).to_completion()
+
+    # --- offline API ----------------------------------------------------------------------------------
+
+    def generate(self, requests: list[Request], progress: bool = False) -> list[Completion]:
+        """Runs the requests to completion; returns completions in the order given.
+
+        Every request is validated first: a bad one raises ValueError (naming its index and field) before
+        any of them is queued.
+        """
+        for i, request in enumerate(requests):
+            try:
+                self._validate(request)
+            except ValueError as e:
+                raise ValueError(f"request {i}: {e}") from None
+        ids = [self.add_request(r) for r in requests]
+        pending = set(ids)
+        bar = _progress_bar(len(ids)) if progress else None
+        while pending:
+            for delta in self.step():
+                if delta.finish_reason is not None and delta.request_id in pending:
+                    pending.discard(delta.request_id)
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [self.take_completion(i) for i in ids]
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {
+            "running": len(s.running), "waiting": len(s.waiting), "steps": self.num_steps,
+            "kv_blocks_total": self.blocks.num_blocks, "kv_blocks_free": len(self.blocks.free),
+            "kv_blocks_cached": len(self.blocks.cached), "preemptions": s.num_preemptions,
+            "prefix_query_tokens": s.prefix_query_tokens, "prefix_hit_tokens": s.prefix_hit_tokens,
+            "prefix_hit_rate": s.prefix_hit_tokens / s.prefix_query_tokens if s.prefix_query_tokens else 0.0,
+        }
+
+    # --- internals ------------------------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenDelta]:
+        batch = SamplingBatch.build([s.params for s in seqs], [s.token_ids[: s.prompt_len] for s in seqs],
+                                    [s.outputs for s in seqs], [s.generator for s in seqs], self.vocab_size,
+                                    self.device)
+        token_ids, logprobs = self.sampler(logits, batch)
+        deltas = []
+        for seq, token, logprob in zip(seqs, token_ids.tolist(), logprobs.tolist()):
+            seq.token_ids.append(token)
+            seq.logprobs.append(logprob)
+            reason = self._stop_reason(seq, token)
+            deltas.append(TokenDelta(seq.request_id, token, logprob, reason))
+            if reason is not None:
+                self.scheduler.finish(seq)
+                self._retire(seq, reason)
+        return deltas
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            seq.stop_reason = token
+            return "stop"
+        if p.stop and self._detokenize is not None:
+            text = self._detokenize(seq.outputs)
+            for s in p.stop:
+                if s in text:
+                    seq.stop_reason = s
+                    return "stop"
+        if seq.num_outputs >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _end(self, seq: Sequence, reason: str) -> TokenDelta:
+        self._retire(seq, reason)
+        return TokenDelta(seq.request_id, None, None, reason)
+
+    def _retire(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason, seq.status = reason, SeqStatus.FINISHED
+        self._finished[seq.request_id] = self._seqs.pop(seq.request_id)
+
+    def _cache_key(self, adapters: tuple[str, ...]) -> bytes:
+        return "|".join(adapters).encode()
+
+    def _validate(self, request: Request) -> None:
+        prompt = request.prompt
+        if not isinstance(request.params, SamplingParams):
+            raise ValueError("Request.params must be a SamplingParams")
+        if len(prompt) == 0:
+            raise ValueError("Request.prompt is empty")
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"Request.prompt has token ids outside the vocabulary [0, {self.vocab_size}): "
+                             f"{bad[:5]}")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"Request.prompt has {len(prompt)} tokens; the context is {self.max_model_len} "
+                             f"(prompt + at least one new token must fit)")
+        if request.adapters:
+            raise ValueError(f"Request.adapters: unknown adapter(s) {list(request.adapters)}")
+        if request.priority < 0:
+            raise ValueError(f"Request.priority must be >= 0, got {request.priority}")
+        if request.deadline_ms is not None and request.deadline_ms <= 0:
+            raise ValueError(f"Request.deadline_ms must be > 0, got {request.deadline_ms}")
+        total = min(len(prompt) + request.params.max_tokens, self.max_model_len)
+        need = -(-total // self.blocks.block_size)
+        if need > self.blocks.num_blocks:
+            raise ValueError(f"Request.prompt + params.max_tokens need {need} KV blocks; the pool has "
+                             f"{self.blocks.num_blocks}")
+
+def _eos_ids(hf_config: dict) -> set[int]:
+    eos = hf_config.get("eos_token_id")
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list) else {eos}
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="generate", unit="req")
+
+
+def load_detokenizer(path: str | Path) -> Callable[[list[int]], str] | None:
+    """A detokenize callback from a folder's tokenizer.json, or None when there is none."""
+    if not (Path(path) / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+    return lambda ids: tok.decode(ids, skip_special_tokens=False)
