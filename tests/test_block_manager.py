@@ -111,7 +111,7 @@ def test_prefix_blocks_are_shared_and_keyed():
     scheduler.add(b)
     scheduler.add(c)
     batch = scheduler.schedule()
-    assert dict((s.request_id, s.num_computed) for s, _ in batch.chunks) == {"r1": 8, "r2": 0}
+    assert {s.request_id: s.num_computed for s, _ in batch.chunks} == {"r0": 10, "r1": 8, "r2": 0}
     assert b.block_table[:2] == a.block_table[:2]  # shared, not copied
     assert not set(c.block_table) & set(a.block_table)  # another stack never sees a's KV
     assert all(blocks.ref_counts[x] == 2 for x in a.block_table[:2])
