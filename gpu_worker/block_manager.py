@@ -75,7 +75,7 @@ class BlockManager:
         return blocks
 
     def register(self, block: int, h: bytes) -> None:
-        """Publishes a block that just became full. If an equal block exists, the older one stays canonical."""
+        """Publishes a block that just became full; if an equal block exists, the older one stays."""
         if self.hashes[block] is None and h not in self.hash_to_block:
             self.hashes[block] = h
             self.hash_to_block[h] = block

@@ -11,7 +11,8 @@ from gpu_worker.request import Sequence
 
 def kv_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
     a = model.args
-    return 2 * a.num_layers * block_size * a.num_kv_heads * a.head_dim * torch.tensor([], dtype=dtype).element_size()
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    return 2 * a.num_layers * block_size * a.num_kv_heads * a.head_dim * itemsize
 
 
 class ModelRunner:
@@ -39,8 +40,8 @@ class ModelRunner:
             positions += range(first, first + n)
             slots += self._slots(seq.block_table, first, n)
             if n > 1:
-                segments.append(PrefillSegment(start, n, first + n, torch.tensor(
-                    seq.block_table[: -(-(first + n) // self.block_size)], dtype=torch.int64, device=self.device)))
+                table = seq.block_table[: -(-(first + n) // self.block_size)]
+                segments.append(PrefillSegment(start, n, first + n, self._tensor(table)))
             if first + n == len(seq.token_ids):
                 sample_rows.append(start + n - 1)
                 samplers.append(seq)

@@ -73,7 +73,8 @@ class Scheduler:
         taken: set[int] = set()
         for decode_pass in (True, False):
             for seq in list(self.running):
-                if id(seq) in taken or seq.status is not SeqStatus.RUNNING or (seq.remaining == 1) != decode_pass:
+                skip = id(seq) in taken or seq.status is not SeqStatus.RUNNING
+                if skip or (seq.remaining == 1) != decode_pass:
                     continue
                 n = min(seq.remaining, budget)
                 if n == 0 or not self._grow_or_preempt(seq, n, taken, batch):
@@ -160,7 +161,8 @@ class Scheduler:
 
     def _expire_waiting(self) -> list[Sequence]:
         now = self.clock()
-        expired = [s for s in self.waiting if s.deadline is not None and s.deadline < now and s.num_outputs == 0]
+        expired = [s for s in self.waiting
+                   if s.deadline is not None and s.deadline < now and s.num_outputs == 0]
         for seq in expired:
             self.waiting.remove(seq)
         return expired

@@ -194,3 +194,13 @@ def test_compiled_triton_on_cuda():
     env.pop("TRITON_INTERPRET")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_torch_path_works_inside_and_outside_inference_mode():
+    """The CPU scratch buffers must not become inference tensors (the engine calls under inference_mode)."""
+    case = make_case(3, (4, 4), 32, 16, torch.float32, seed=99)
+    pa._cpu_scratch.buffers.clear()  # the first take happens inside inference_mode
+    with torch.inference_mode():
+        inside = pa.paged_decode_attention_torch(*case).clone()
+    outside = pa.paged_decode_attention_torch(*case)
+    torch.testing.assert_close(inside, outside)

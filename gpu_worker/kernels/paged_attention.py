@@ -107,7 +107,10 @@ class _CpuScratch(threading.local):
         numel = math.prod(shape)
         buffer = self.buffers.get((role, dtype))
         if buffer is None or buffer.numel() < numel:
-            buffer = self.buffers[(role, dtype)] = torch.empty(numel, dtype=dtype)
+            # A normal tensor even when first taken under inference_mode: an inference tensor could not be
+            # written by a later call made outside it.
+            with torch.inference_mode(False):
+                buffer = self.buffers[(role, dtype)] = torch.empty(numel, dtype=dtype)
         return buffer[:numel].view(shape)
 
 

@@ -87,8 +87,8 @@ class CausalLM(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(args, rotary, dtype) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
-        self.lm_head = None if args.tie_word_embeddings else Linear(args.hidden_size, [args.vocab_size], False,
-                                                                    dtype)
+        tied = args.tie_word_embeddings
+        self.lm_head = None if tied else Linear(args.hidden_size, [args.vocab_size], False, dtype)
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [T]; kv_caches[i]: (k, v) each [num_blocks, block_size, Hkv, D]

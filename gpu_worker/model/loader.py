@@ -115,7 +115,8 @@ def _expected_pieces(model: CausalLM) -> set[tuple[str, int | None]]:
     return expected
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype, device: str | torch.device) -> tuple[CausalLM, dict]:
+def load_model(model_dir: str | Path, dtype: torch.dtype,
+               device: str | torch.device) -> tuple[CausalLM, dict]:
     cfg = read_config(model_dir)
     args = model_args_from_config(cfg)
     files = safetensors_files(model_dir)
