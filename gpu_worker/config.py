@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from gpu_worker.lora.pool import LoRAConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,6 +26,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_waiting: int = 4096  # bounded admission queue; add_request raises when full
     tokenizer: str | None = None  # folder with tokenizer.json for stop strings; default: the model folder
+    # Multi-LoRA; the slots are allocated by the first load_adapter:
+    # 2 * max_loras * max_lora_rank * sum over layers and projections of (in + out) elements.
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -17,6 +17,8 @@ import torch
 
 from gpu_worker.block_manager import BlockManager
 from gpu_worker.config import EngineConfig
+from gpu_worker.lora.layer import attach_lora
+from gpu_worker.lora.pool import AdapterNotReady, AdapterPool
 from gpu_worker.model.loader import load_model
 from gpu_worker.model_runner import ModelRunner, kv_block_bytes
 from gpu_worker.request import Completion, Request, SeqStatus, Sequence, TokenDelta
@@ -42,8 +44,9 @@ class Engine:
         num_blocks = config.num_kv_blocks or max(
             1, config.kv_cache_bytes // kv_block_bytes(self.model, config.block_size, config.torch_dtype))
         self.blocks = BlockManager(num_blocks, config.block_size)
+        self.lora: AdapterPool | None = None  # created by the first load_adapter
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.enable_prefix_caching)
+                                   config.enable_prefix_caching, adapters=_SchedulerAdapters(self))
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.torch_dtype, self.device)
         self.sampler = Sampler()
         self._detokenize = detokenize or load_detokenizer(config.tokenizer or config.model)
@@ -64,7 +67,7 @@ class Engine:
         deadline = None if request.deadline_ms is None else time.monotonic() + request.deadline_ms / 1000
         seq = Sequence(request_id=request_id, prompt_len=len(request.prompt), token_ids=list(request.prompt),
                        params=request.params, adapters=tuple(request.adapters),
-                       cache_key=self._cache_key(request.adapters), priority=request.priority,
+                       cache_key=b"", priority=request.priority,
                        deadline=deadline, generator=make_generator(request.params.seed, self.device))
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -84,11 +87,14 @@ class Engine:
 
     def step(self) -> list[TokenDelta]:
         """Runs one batched forward pass; returns the new tokens and the ends of requests."""
+        if self.lora is not None:
+            self.lora.poll()
         batch = self.scheduler.schedule()
         deltas = [self._end(seq, "deadline") for seq in batch.expired]
+        deltas += [self._end(seq, "error") for seq in batch.failed]
         if not batch.chunks:
             return deltas
-        logits, samplers = self.runner.run(batch.chunks)
+        logits, samplers = self.runner.run(batch.chunks, self.lora)
         self.scheduler.on_computed(batch)
         self.num_steps += 1
         if samplers:
@@ -132,6 +138,9 @@ class Engine:
             "kv_blocks_cached": len(self.blocks.cached), "preemptions": s.num_preemptions,
             "prefix_query_tokens": s.prefix_query_tokens, "prefix_hit_tokens": s.prefix_hit_tokens,
             "prefix_hit_rate": s.prefix_hit_tokens / s.prefix_query_tokens if s.prefix_query_tokens else 0.0,
+            "prefix_by_stack": {stack: {"query_tokens": q, "hit_tokens": h, "hit_rate": h / q if q else 0.0}
+                                for stack, (q, h) in s.prefix_by_stack.items()},
+            "adapters": self.lora.stats() if self.lora is not None else None,
         }
 
     # --- internals ------------------------------------------------------------------------------------
@@ -169,14 +178,37 @@ class Engine:
 
     def _end(self, seq: Sequence, reason: str) -> TokenDelta:
         self._retire(seq, reason)
-        return TokenDelta(seq.request_id, None, None, reason)
+        return TokenDelta(seq.request_id, None, None, reason, seq.error)
 
     def _retire(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason, seq.status = reason, SeqStatus.FINISHED
         self._finished[seq.request_id] = self._seqs.pop(seq.request_id)
 
-    def _cache_key(self, adapters: tuple[str, ...]) -> bytes:
-        return "|".join(adapters).encode()
+    # --- adapters -------------------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str | Path, pin: bool = False, wait: bool = True):
+        """Loads a PEFT adapter on the loader thread. wait=True blocks until it is in host memory and
+        raises ValueError if it is invalid; wait=False returns a future, and requests that use the adapter
+        wait in the queue (no step waits on disk)."""
+        if not name or not isinstance(name, str):
+            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+        future = self._adapter_pool().load(name, str(path), pin=pin)
+        if wait:
+            self.lora.wait(name)
+        return future
+
+    def unload_adapter(self, name: str) -> None:
+        self._adapter_pool().unload(name)
+
+    def pin_adapter(self, name: str, pinned: bool = True) -> None:
+        """A pinned adapter is never evicted from its device slot or from host memory."""
+        self._adapter_pool().pin(name, pinned)
+
+    def _adapter_pool(self) -> AdapterPool:
+        if self.lora is None:
+            self.lora = AdapterPool(self.model.args, self.config.lora, self.config.torch_dtype, self.device)
+            attach_lora(self.model, self.lora)
+        return self.lora
 
     def _validate(self, request: Request) -> None:
         prompt = request.prompt
@@ -192,7 +224,9 @@ class Engine:
             raise ValueError(f"Request.prompt has {len(prompt)} tokens; the context is {self.max_model_len} "
                              f"(prompt + at least one new token must fit)")
         if request.adapters:
-            raise ValueError(f"Request.adapters: unknown adapter(s) {list(request.adapters)}")
+            if self.lora is None:
+                raise ValueError(f"Request.adapters: unknown adapter(s) {list(request.adapters)}")
+            self.lora.check_stack(tuple(request.adapters))
         if request.priority < 0:
             raise ValueError(f"Request.priority must be >= 0, got {request.priority}")
         if request.deadline_ms is not None and request.deadline_ms <= 0:
@@ -202,6 +236,30 @@ class Engine:
         if need > self.blocks.num_blocks:
             raise ValueError(f"Request.prompt + params.max_tokens need {need} KV blocks; the pool has "
                              f"{self.blocks.num_blocks}")
+
+class _SchedulerAdapters:
+    """The scheduler's adapter hooks: resident slots and the prefix-cache key of a sequence's stack."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def acquire(self, seq: Sequence) -> bool:
+        pool = self.engine.lora
+        if not seq.adapters:
+            return True
+        try:
+            seq.adapter_slots = pool.acquire(seq.adapters)
+        except AdapterNotReady:
+            return False
+        # The KV of every layer after the first depends on every adapter below it: key on the whole stack.
+        seq.cache_key = "|".join(pool.uid(n) for n in seq.adapters).encode()
+        return True
+
+    def release(self, seq: Sequence) -> None:
+        if seq.adapters and seq.adapter_slots:
+            self.engine.lora.release(seq.adapters)
+            seq.adapter_slots = ()
+
 
 def _eos_ids(hf_config: dict) -> set[int]:
     eos = hf_config.get("eos_token_id")

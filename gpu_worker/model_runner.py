@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from gpu_worker.attention import AttentionMetadata, PrefillSegment
+from gpu_worker.lora.batch import LoRABatch, build_lora_batch
+from gpu_worker.lora.pool import AdapterPool
 from gpu_worker.model.llama import CausalLM
 from gpu_worker.request import Sequence
 
@@ -26,10 +28,12 @@ class ModelRunner:
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in range(a.num_layers)]
 
     @torch.inference_mode()
-    def run(self, chunks: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+    def run(self, chunks: list[tuple[Sequence, int]], lora: AdapterPool | None = None
+            ) -> tuple[torch.Tensor, list[Sequence]]:
         """Feeds each (sequence, n) chunk; returns logits [S, V] (float32) of the sequences that sample."""
-        prefills = [(s, n) for s, n in chunks if n > 1]
-        decodes = [(s, n) for s, n in chunks if n == 1]
+        # Rows sorted by adapter stack: the rows of one adapter are contiguous, so LoRA groups are slices.
+        prefills = sorted(((s, n) for s, n in chunks if n > 1), key=lambda c: c[0].adapter_slots)
+        decodes = sorted(((s, n) for s, n in chunks if n == 1), key=lambda c: c[0].adapter_slots)
         ordered = prefills + decodes  # the attention metadata expects prefills first
         input_ids, positions, slots, sample_rows, samplers = [], [], [], [], []
         segments = []
@@ -51,10 +55,23 @@ class ModelRunner:
             decode_block_tables=self._block_tables([s for s, _ in decodes]),
             decode_context_lens=self._tensor([s.num_computed + 1 for s, _ in decodes], torch.int32)
             if decodes else None)
-        hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
+        if lora is not None:
+            lora.current = self._lora_batch(ordered, lora)
+        try:
+            hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
+        finally:
+            if lora is not None:
+                lora.current = None
         if not samplers:
             return hidden.new_empty(0, self.model.args.vocab_size), []
         return self.model.compute_logits(hidden[self._tensor(sample_rows)]), samplers
+
+    def _lora_batch(self, ordered: list[tuple[Sequence, int]], lora: AdapterPool) -> LoRABatch | None:
+        stacks = [s.adapters for s, _ in ordered if s.adapters]
+        if not stacks:
+            return None
+        token_slots = [s.adapter_slots for s, n in ordered for _ in range(n)]
+        return build_lora_batch(token_slots, lora.stack_ranks(stacks), self.device)
 
     def _slots(self, block_table: list[int], first: int, n: int) -> list[int]:
         bs = self.block_size

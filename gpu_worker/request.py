@@ -29,9 +29,10 @@ class Completion:
     prompt: list[int]
     token_ids: list[int]
     logprobs: list[float] | None  # natural log of each chosen token under the raw model distribution
-    finish_reason: str  # "stop" | "length" | "abort" | "deadline"
+    finish_reason: str  # "stop" | "length" | "abort" | "deadline" | "error"
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    error: str | None = None  # why it ended with finish_reason "error"
 
 
 @dataclass
@@ -42,6 +43,7 @@ class TokenDelta:
     token_id: int | None
     logprob: float | None
     finish_reason: str | None = None
+    error: str | None = None
 
 
 class SeqStatus(Enum):
@@ -71,6 +73,8 @@ class Sequence:
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    error: str | None = None
+    adapter_slots: tuple[int, ...] = ()  # device slots of the adapter stack while running
 
     @property
     def outputs(self) -> list[int]:
@@ -88,4 +92,4 @@ class Sequence:
     def to_completion(self) -> Completion:
         return Completion(self.request_id, self.token_ids[: self.prompt_len], self.outputs,
                           self.logprobs if self.params.logprobs else None, self.finish_reason or "abort",
-                          self.num_cached_tokens, self.stop_reason)
+                          self.num_cached_tokens, self.stop_reason, self.error)

@@ -21,6 +21,7 @@ from gpu_worker.request import SeqStatus, Sequence
 class ScheduledBatch:
     chunks: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens to feed)
     expired: list[Sequence] = field(default_factory=list)  # deadline passed while waiting
+    failed: list[Sequence] = field(default_factory=list)  # cannot run (e.g. an adapter failed to load)
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
@@ -32,10 +33,23 @@ def _order(seq: Sequence):
     return (seq.priority, seq.deadline if seq.deadline is not None else math.inf, seq.arrival)
 
 
+class NoAdapters:
+    """Adapter hooks of a scheduler without multi-LoRA: every sequence is ready."""
+
+    def acquire(self, seq: Sequence) -> bool:
+        return True
+
+    def release(self, seq: Sequence) -> None:
+        pass
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_prefix_caching: bool = True, clock=time.monotonic):
+                 enable_prefix_caching: bool = True, clock=time.monotonic, adapters=None):
         self.blocks = blocks
+        # acquire(seq) -> bool: True when the sequence's adapters are resident (and now held); False to
+        # retry at a later step; ValueError when it can never run. release(seq) undoes acquire.
+        self.adapters = adapters or NoAdapters()
         self.max_num_seqs, self.token_budget = max_num_seqs, max_num_batched_tokens
         self.enable_prefix_caching = enable_prefix_caching
         self.clock = clock
@@ -44,6 +58,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache at admission
         self.prefix_hit_tokens = 0
+        self.prefix_by_stack: dict[str, list[int]] = {}  # stack -> [query tokens, hit tokens]
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -87,36 +102,59 @@ class Scheduler:
 
     def _admit(self, batch: ScheduledBatch, budget: int, taken: set[int]) -> None:
         self.waiting.sort(key=_order)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                return
             if seq in batch.preempted:  # never re-admit in the step that preempted it
                 return
-            hits = self._lookup_prefix(seq)
-            cached_tokens = len(hits) * self.blocks.block_size
-            n = min(len(seq.token_ids) - cached_tokens, budget)
-            need = math.ceil((cached_tokens + n) / self.blocks.block_size) - len(hits)
-            reusable = sum(1 for h in hits if self.blocks.ref_counts[self.blocks.hash_to_block[h]] == 0)
-            while need > self.blocks.num_available - reusable:
-                if not self._preempt_below(seq, taken, batch):
-                    return
-                hits = self._lookup_prefix(seq)  # preemption may have published or evicted blocks
-                reusable = sum(1 for h in hits if self.blocks.ref_counts[self.blocks.hash_to_block[h]] == 0)
-                cached_tokens = len(hits) * self.blocks.block_size
-                n = min(len(seq.token_ids) - cached_tokens, budget)
-                need = math.ceil((cached_tokens + n) / self.blocks.block_size) - len(hits)
-            self.waiting.pop(0)
-            seq.block_table = self.blocks.acquire_cached(hits) + self.blocks.allocate(need)
-            seq.block_hashes = list(hits)
-            seq.num_computed = cached_tokens
-            if seq.num_preemptions == 0:
-                seq.num_cached_tokens = cached_tokens
-                self.prefix_query_tokens += seq.prompt_len
-                self.prefix_hit_tokens += cached_tokens
+            if not self._acquire_adapters(seq, batch):
+                continue  # its adapters are not resident yet: later ones may still run
+            n = self._fit(seq, budget, taken, batch)
+            if n is None:
+                self.adapters.release(seq)
+                return
+            self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             taken.add(id(seq))
             batch.chunks.append((seq, n))
             budget -= n
+
+    def _fit(self, seq: Sequence, budget: int, taken: set[int], batch: ScheduledBatch) -> int | None:
+        """Takes the prefix-cache hits and the blocks of the first chunk; None when the pool cannot."""
+        while True:
+            hits = self._lookup_prefix(seq)
+            cached_tokens = len(hits) * self.blocks.block_size
+            n = min(len(seq.token_ids) - cached_tokens, budget)
+            need = math.ceil((cached_tokens + n) / self.blocks.block_size) - len(hits)
+            reusable = sum(1 for h in hits if self.blocks.ref_counts[self.blocks.hash_to_block[h]] == 0)
+            if need <= self.blocks.num_available - reusable:
+                break
+            if not self._preempt_below(seq, taken, batch):
+                return None
+        seq.block_table = self.blocks.acquire_cached(hits) + self.blocks.allocate(need)
+        seq.block_hashes = list(hits)
+        seq.num_computed = cached_tokens
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = cached_tokens
+            self._count_prefix(seq, cached_tokens)
+        return n
+
+    def _count_prefix(self, seq: Sequence, cached_tokens: int) -> None:
+        self.prefix_query_tokens += seq.prompt_len
+        self.prefix_hit_tokens += cached_tokens
+        per_stack = self.prefix_by_stack.setdefault("+".join(seq.adapters) or "<base>", [0, 0])
+        per_stack[0] += seq.prompt_len
+        per_stack[1] += cached_tokens
+
+    def _acquire_adapters(self, seq: Sequence, batch: ScheduledBatch) -> bool:
+        try:
+            return self.adapters.acquire(seq)
+        except ValueError as e:
+            self.waiting.remove(seq)
+            seq.error = str(e)
+            batch.failed.append(seq)
+            return False
 
     def _lookup_prefix(self, seq: Sequence) -> list[bytes]:
         if not self.enable_prefix_caching:
@@ -156,6 +194,8 @@ class Scheduler:
         self.add(seq)
 
     def _free(self, seq: Sequence) -> None:
+        if seq.status is SeqStatus.RUNNING:
+            self.adapters.release(seq)
         self.blocks.release(seq.block_table)
         seq.block_table, seq.block_hashes, seq.num_computed = [], [], 0
 

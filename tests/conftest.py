@@ -64,7 +64,9 @@ def adapters(tmp_path_factory, qwen2_dir):
         "attn_r4": dict(r=4, alpha=8, targets=ATTENTION_ONLY),
         "mlp_r16": dict(r=16, alpha=16, targets=MLP_ONLY),
         "rslora_r32": dict(r=32, alpha=8, targets=ALL_LINEAR, use_rslora=True),
-        "pattern_r8": dict(r=8, alpha=16, targets=ALL_LINEAR, rank_pattern={"down_proj": 4}),
+        "pattern_r8": dict(r=8, alpha=16, targets=ALL_LINEAR, rank_pattern={"down_proj": 4},
+                           alpha_pattern={"q_proj": 32}),
+        "all_r64": dict(r=64, alpha=32, targets=ALL_LINEAR, scale_b=0.01),
     }
     return {name: build_adapter(qwen2_dir, root / name, seed=i, **spec)
             for i, (name, spec) in enumerate(specs.items())}
