@@ -45,11 +45,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos_sin, kv_cache, meta: AttentionMetadata):
         # x: [T, hidden] -> q: [T, H, D], k/v: [T, Hkv, D]
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary.apply(cos_sin, q, k)
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # q and k heads are adjacent in the fused output: rotate them together, in place.
+        self.rotary.apply_(cos_sin, qkv[:, : q_size + kv_size].view(-1, self.num_heads + self.num_kv_heads,
+                                                                    self.head_dim))
+        q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
+        k = qkv[:, q_size: q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
+        v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.flatten(1))
 
@@ -62,7 +65,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        # In place on the gate half: no new [T, intermediate] tensor (down_proj reads the strided view).
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -74,8 +78,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args, dtype)
 
     def forward(self, x, cos_sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # x is the step's own residual stream (never a weight or a cache), so it is updated in place.
+        x.add_(self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta))
+        return x.add_(self.mlp(self.post_attention_layernorm(x)))
 
 
 class CausalLM(nn.Module):

@@ -104,17 +104,24 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("sin", (emb.sin() * scale).to(dtype), persistent=False)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, D] of a step's positions [T]; looked up once per step, shared by all layers."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """cos, sin [T, 1, D/2] of a step's positions [T]; looked up once per step, shared by all layers.
+
+        Both halves of a row of the tables are equal (emb = cat(freqs, freqs)), so half is enough.
+        """
+        half = self.cos.shape[-1] // 2
+        return self.cos[positions, :half].unsqueeze(1), self.sin[positions, :half].unsqueeze(1)
 
     @staticmethod
-    def apply(cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
-        # q: [T, H, D]; k: [T, Hkv, D]
+    def apply_(cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> None:
+        """Rotates x [T, heads, D] in place (rotate-half layout): (x1, x2) -> (x1 c - x2 s, x2 c + x1 s).
+
+        x may be a strided view (q and k heads of a fused qkv output); in place avoids new [T, H, D]
+        temporaries, which cost page faults on the CPU.
+        """
         cos, sin = cos_sin
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        x1_sin = x1 * sin
+        x1.mul_(cos).addcmul_(x2, sin, value=-1)
+        x2.mul_(cos).add_(x1_sin)
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
