@@ -1,16 +1,21 @@
 """Per-step LoRA metadata and the torch (CPU) path that adds each row's adapter deltas.
 
-A step's rows carry adapter stacks; we flatten them to (token, slot) pairs: token t with stack (s0, s1)
-gives pairs (t, s0) and (t, s1). Pairs are grouped by slot once per step and reused by every layer:
+Weights per layer and fused projection (qkv, o, gate_up, down), slot-stacked and stored pre-transposed so
+that every matmul below reads contiguous operands (a transposed view makes CPU bmm ~10x slower):
+    At [S, in, n_sub * R]     the sub-modules' A^T side by side (q | k | v for qkv): one shrink per module
+    Bt[j] [S, R, size_j]      one expand per sub-module j into its slice of the fused output
+with R the pool's rank width (adapters of lower rank are zero-padded: padding adds exactly 0) and the
+adapter's scale folded into B. For token t, each slot s of its stack and each sub-module j:
+    z = x[t] @ At[s];  y[t, off_j:off_j + size_j] += z[j*R:(j+1)*R] @ Bt[j][s]
+Decode is bound by reading the adapters' weights (each adapter serves only a few rows), which is why the
+expands are not one block-diagonal matmul: its zero blocks would be read too.
 
-  BGMV-style (many small groups, e.g. decode rows of 16 adapters): the groups are padded to the same size G
-  and run as two batched matmuls, `z = x[gather] @ A[slots]^T` ([n, G, r]) then `out = z @ B[slots]^T`,
-  added back with one index_add. Padding rows point at an all-zero input row, so they add exactly 0.
-  SGMV-style (few large groups, e.g. prefill chunks): one matmul pair per group, on a slice of x when the
-  group's tokens are contiguous (rows of one sequence are), so no per-token weight is ever gathered.
-
-For `y = W x + sum_i B_i A_i x` the order of additions differs from merging adapters into W one by one only
-by float rounding.
+A step's (token, slot) pairs are grouped by slot once per step and reused by every layer:
+  BGMV-style (many small groups, e.g. decode rows): groups padded to the same size G and run as two batched
+  matmuls; padding rows gather an all-zero input row, so they add exact zeros. When the groups are already
+  equal, contiguous token ranges in slot order (decode rows are sorted by stack), x and y are just viewed
+  as [n, G, *] with no gather or scatter.
+  SGMV-style (few large groups, e.g. prefill chunks): one matmul pair per group on a contiguous row slice.
 """
 
 from __future__ import annotations
@@ -33,22 +38,20 @@ class LoRABatch:
     """Step metadata shared by every layer and module."""
 
     num_tokens: int
-    ranks: dict[str, int]  # per PEFT module: the largest rank among this step's adapters (0: none target it)
     groups: list[Group]  # SGMV path
-    # BGMV path (None when the SGMV path is used):
-    slot_ids: torch.Tensor | None = None  # [n] slots of the padded groups (None: slots 0..n-1, a view)
-    num_slots: int = 0
-    gather: torch.Tensor | None = None  # [n * G] token rows, num_tokens for padding (the zero row)
+    # BGMV path (num_groups == 0 when the SGMV path is used):
+    num_groups: int = 0  # n padded groups
+    group_size: int = 0  # G
+    slot_ids: torch.Tensor | None = None  # [n] slots of the groups; None: slots 0..n-1 (a view, no copy)
+    gather: torch.Tensor | None = None  # [n * G] token rows, num_tokens for padding; None: identity layout
     scatter: torch.Tensor | None = None  # gather with padding sent to row 0 (it adds exact zeros there)
-    group_size: int = 0
 
     @property
     def bgmv(self) -> bool:
-        return self.gather is not None
+        return self.num_groups > 0
 
 
-def build_lora_batch(token_slots: list[tuple[int, ...]], ranks: dict[str, int],
-                     device: torch.device) -> LoRABatch | None:
+def build_lora_batch(token_slots: list[tuple[int, ...]], device: torch.device) -> LoRABatch | None:
     """token_slots[t] is the slot stack of token t (empty: no adapter). None when no token has one."""
     by_slot: dict[int, list[int]] = {}
     for t, stack in enumerate(token_slots):
@@ -59,19 +62,18 @@ def build_lora_batch(token_slots: list[tuple[int, ...]], ranks: dict[str, int],
     num_pairs = sum(len(v) for v in by_slot.values())
     group_size = max(len(v) for v in by_slot.values())
     slots = sorted(by_slot)
-    dense = slots[-1] + 1 <= 2 * len(slots)  # run slots 0..max as a view (some groups empty) or gather
-    num_groups = slots[-1] + 1 if dense else len(slots)
-    batch = LoRABatch(num_tokens=len(token_slots), ranks=ranks, groups=[])
-    if len(slots) >= 3 and num_groups * group_size <= 2 * num_pairs:
-        gather = torch.full((num_groups, group_size), len(token_slots), dtype=torch.int64)
-        for i, slot in enumerate(range(num_groups) if dense else slots):
-            rows = by_slot.get(slot, [])
-            gather[i, : len(rows)] = torch.tensor(rows, dtype=torch.int64)
-        gather = gather.view(-1)
-        scatter = gather.masked_fill(gather == len(token_slots), 0)
-        batch.gather, batch.scatter = gather.to(device), scatter.to(device)
-        batch.group_size, batch.num_slots = group_size, num_groups
+    dense = slots[-1] + 1 <= 2 * len(slots)  # slots 0..max as a view (some groups empty), else gathered
+    order = list(range(slots[-1] + 1)) if dense else slots
+    batch = LoRABatch(num_tokens=len(token_slots), groups=[])
+    if len(slots) >= 3 and len(order) * group_size <= 2 * num_pairs:
+        batch.num_groups, batch.group_size = len(order), group_size
         batch.slot_ids = None if dense else torch.tensor(slots, dtype=torch.int64, device=device)
+        pad = len(token_slots)
+        flat = [t for s in order for t in by_slot.get(s, []) + [pad] * (group_size - len(by_slot.get(s, [])))]
+        if flat != list(range(len(token_slots))):
+            gather = torch.tensor(flat, dtype=torch.int64)
+            batch.gather = gather.to(device)
+            batch.scatter = gather.masked_fill(gather == len(token_slots), 0).to(device)
         return batch
     for slot in slots:
         rows = by_slot[slot]
@@ -81,42 +83,56 @@ def build_lora_batch(token_slots: list[tuple[int, ...]], ranks: dict[str, int],
     return batch
 
 
-def add_lora(batch: LoRABatch, x: torch.Tensor, y: torch.Tensor, subs: list[tuple[str, int, int]],
-             weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """y[:, off:off+size] += sum over the token's adapters of B[slot] @ (A[slot] @ x), for each sub-module.
+def add_lora(batch: LoRABatch, x: torch.Tensor, y: torch.Tensor, at: torch.Tensor,
+             bts: list[torch.Tensor]) -> None:
+    """y[t] += sum over the slots s of token t's stack of the LoRA delta of slot s, in place.
 
-    x: [T, in]; y: [T, out_total] (a fused projection's output); subs: (module, offset, size) slices of y;
-    weights[module] = (A [S, R, in], B [S, size, R]) slot-stacked, scale folded into B.
+    x: [T, in]; y: [T, out_total]; at: [S, in, n_sub * R]; bts[j]: [S, R, size_j], sizes summing to out_total.
     """
-    active = [(m, off, size, batch.ranks[m]) for m, off, size in subs if batch.ranks.get(m, 0) > 0]
-    if not active:
-        return
     if batch.bgmv:
-        _bgmv(batch, x, y, active, weights)
+        _bgmv(batch, x, y, at, bts)
     else:
-        _sgmv(batch, x, y, active, weights)
+        _sgmv(batch, x, y, at, bts)
 
 
-def _bgmv(batch, x, y, active, weights):
-    n, g = batch.num_slots, batch.group_size
-    x_ext = torch.cat([x, x.new_zeros(1, x.shape[1])])  # row T is the zero row padding points at
-    xg = x_ext.index_select(0, batch.gather).view(n, g, -1)  # [n, G, in]
-    for module, off, size, r in active:
-        a, b = weights[module]
-        a, b = (a[:n, :r], b[:n, :, :r]) if batch.slot_ids is None else (
-            a[:, :r].index_select(0, batch.slot_ids), b[:, :, :r].index_select(0, batch.slot_ids))
-        z = torch.bmm(xg, a.transpose(1, 2))  # [n, G, r]
-        out = torch.bmm(z, b.transpose(1, 2))  # [n, G, size]
-        y[:, off:off + size].index_add_(0, batch.scatter, out.view(n * g, size))
+def _bgmv(batch: LoRABatch, x, y, at, bts):
+    n, g = batch.num_groups, batch.group_size
+    pick = (lambda w: w[:n]) if batch.slot_ids is None else (lambda w: w.index_select(0, batch.slot_ids))
+    if batch.gather is None:  # identity layout: group i is tokens [i*G, (i+1)*G)
+        xg = x.view(n, g, -1)
+    else:
+        x_ext = torch.cat([x, x.new_zeros(1, x.shape[1])])  # row T: the zero row that padding gathers
+        xg = x_ext.index_select(0, batch.gather).view(n, g, -1)
+    z = torch.bmm(xg, pick(at))  # [n, G, n_sub * R]
+    rank = bts[0].shape[1]
+    outs = [torch.bmm(_sub(z, j, rank), pick(bt)) for j, bt in enumerate(bts)]  # [n, G, size_j]
+    if batch.gather is None:
+        offset = 0
+        for out in outs:
+            y[:, offset:offset + out.shape[-1]].view(n, g, -1).add_(out)
+            offset += out.shape[-1]
+        return
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+    y.index_add_(0, batch.scatter, out.view(n * g, -1))
 
 
-def _sgmv(batch, x, y, active, weights):
+def _sub(z: torch.Tensor, j: int, rank: int) -> torch.Tensor:
+    # Sub-module j's columns of the fused shrink, contiguous for the fast bmm path (a tiny copy).
+    return z if z.shape[-1] == rank else z[..., j * rank:(j + 1) * rank].contiguous()
+
+
+def _sgmv(batch: LoRABatch, x, y, at, bts):
+    rank = bts[0].shape[1]
     for group in batch.groups:
-        xs = x[group.start:group.end] if group.tokens is None else x.index_select(0, group.tokens)
-        for module, off, size, r in active:
-            a, b = weights[module]
-            delta = (xs @ a[group.slot, :r].T) @ b[group.slot, :, :r].T
-            if group.tokens is None:
-                y[group.start:group.end, off:off + size] += delta
+        s = group.slot
+        contiguous = group.tokens is None
+        xs = x[group.start:group.end] if contiguous else x.index_select(0, group.tokens)
+        z = xs @ at[s]
+        offset = 0
+        for j, bt in enumerate(bts):
+            size = bt.shape[-1]
+            if contiguous:
+                y[group.start:group.end, offset:offset + size].addmm_(z[:, j * rank:(j + 1) * rank], bt[s])
             else:
-                y[:, off:off + size].index_add_(0, group.tokens, delta)
+                y[:, offset:offset + size].index_add_(0, group.tokens, z[:, j * rank:(j + 1) * rank] @ bt[s])
+            offset += size

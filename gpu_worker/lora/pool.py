@@ -15,8 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from gpu_worker.lora.adapter import MODULES, LoRAAdapter, load_peft_adapter, module_shapes
+from gpu_worker.lora.adapter import FUSED_OF, MODULES, LoRAAdapter, load_peft_adapter, module_shapes
 from gpu_worker.model.llama import ModelArgs
+
+# PEFT modules of each fused projection, in the order of its output slices.
+FUSED_SUBS = {fused: tuple(m for m in MODULES if FUSED_OF[m][0] == fused)
+              for fused in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
 
 
 class AdapterNotReady(Exception):
@@ -42,15 +46,15 @@ class LoRAConfig:
 class AdapterPool:
     def __init__(self, args: ModelArgs, config: LoRAConfig, dtype: torch.dtype, device: torch.device):
         self.args, self.config, self.dtype, self.device = args, config, dtype, device
-        shapes = module_shapes(args)
-        s, r = config.max_loras, config.max_lora_rank
-        # weights[layer][module] = (A [S, R, in], B [S, out, R]); zero rows beyond an adapter's rank
-        self.weights = [{m: (torch.zeros(s, r, shapes[m][0], dtype=dtype, device=device),
-                             torch.zeros(s, shapes[m][1], r, dtype=dtype, device=device)) for m in MODULES}
-                        for _ in range(args.num_layers)]
+        self.shapes = module_shapes(args)
+        # weights[layer][fused] = (At [S, in, n_sub * R], [Bt_j [S, R, size_j] per sub]), layout in batch.py.
+        # R (rank_width) starts small and grows with the largest adapter swapped in (up to max_lora_rank):
+        # lower-rank adapters are zero-padded to R, so a fixed large R would multiply their cost.
+        self.rank_width = 0
+        self.weights: list[dict[str, tuple[torch.Tensor, list[torch.Tensor]]]] = []
         self.paths: dict[str, str] = {}
         self.cpu: OrderedDict[str, LoRAAdapter] = OrderedDict()  # LRU order, oldest first
-        self.slots: list[str | None] = [None] * s
+        self.slots: list[str | None] = [None] * config.max_loras
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapters, LRU order
         self.pinned: set[str] = set()
         self.in_use: Counter[str] = Counter()
@@ -168,14 +172,6 @@ class AdapterPool:
             if self.in_use[name] <= 0:
                 del self.in_use[name]
 
-    def stack_ranks(self, stacks: list[tuple[str, ...]]) -> dict[str, int]:
-        """Per module, the largest rank among the adapters of these stacks."""
-        ranks: dict[str, int] = {}
-        for name in {n for stack in stacks for n in stack}:
-            for module, r in self.cpu[name].module_ranks.items():
-                ranks[module] = max(ranks.get(module, 0), r)
-        return ranks
-
     def uid(self, name: str) -> str:
         """Identity of the loaded weights (for prefix-cache keys): name and content hash."""
         return f"{name}@{self.cpu[name].sha256[:16]}"
@@ -202,22 +198,39 @@ class AdapterPool:
         """Copies an adapter from the CPU tier into a device slot (the hot-swap)."""
         adapter = self.cpu[name]
         self.cpu.move_to_end(name)
+        if adapter.rank > self.rank_width:
+            self._grow(adapter.rank)
+        r_width = self.rank_width
         for layer, modules in enumerate(self.weights):
-            for module, (a_slots, b_slots) in modules.items():
-                pair = adapter.weights.get((layer, module))
-                if pair is None:
-                    a_slots[slot].zero_()
-                    b_slots[slot].zero_()
-                    continue
-                a, b = pair
-                r = a.shape[0]
-                a_slots[slot, :r].copy_(a, non_blocking=True)
-                a_slots[slot, r:].zero_()
-                b_slots[slot, :, :r].copy_(b, non_blocking=True)
-                b_slots[slot, :, r:].zero_()
+            for fused, (at, bts) in modules.items():
+                at[slot].zero_()
+                for j, (module, bt) in enumerate(zip(FUSED_SUBS[fused], bts)):
+                    bt[slot].zero_()
+                    pair = adapter.weights.get((layer, module))
+                    if pair is not None:
+                        a, b = pair  # a [r, in], b [size, r]
+                        r = a.shape[0]
+                        at[slot, :, j * r_width:j * r_width + r].copy_(a.T, non_blocking=True)
+                        bt[slot, :r].copy_(b.T, non_blocking=True)
         self.slots[slot] = name
         self.slot_of[name] = slot
         self.swaps += 1
+
+    def _grow(self, rank: int) -> None:
+        """Reallocates the slots with a rank width >= rank and copies the resident adapters back in."""
+        width = min(max(8, 1 << (rank - 1).bit_length()), self.config.max_lora_rank)
+        s, dev, dt = self.config.max_loras, self.device, self.dtype
+        self.weights = []
+        for _ in range(self.args.num_layers):
+            layer = {}
+            for fused, subs in FUSED_SUBS.items():
+                in_features = self.shapes[subs[0]][0]
+                at = torch.zeros(s, in_features, len(subs) * width, dtype=dt, device=dev)
+                layer[fused] = (at, [torch.zeros(s, width, self.shapes[m][1], dtype=dt, device=dev) for m in subs])
+            self.weights.append(layer)
+        self.rank_width = width
+        for resident, slot in list(self.slot_of.items()):
+            self.swap_in(resident, slot)
 
     def _make_room_in_cpu(self) -> None:
         while len(self.cpu) >= self.config.max_cpu_loras:
