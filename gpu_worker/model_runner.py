@@ -71,7 +71,7 @@ class ModelRunner:
         if not stacks:
             return None
         token_slots = [s.adapter_slots for s, n in ordered for _ in range(n)]
-        return build_lora_batch(token_slots, lora.stack_ranks(stacks), self.device)
+        return build_lora_batch(token_slots, self.device)
 
     def _slots(self, block_table: list[int], first: int, n: int) -> list[int]:
         bs = self.block_size

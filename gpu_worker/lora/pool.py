@@ -226,7 +226,8 @@ class AdapterPool:
             for fused, subs in FUSED_SUBS.items():
                 in_features = self.shapes[subs[0]][0]
                 at = torch.zeros(s, in_features, len(subs) * width, dtype=dt, device=dev)
-                layer[fused] = (at, [torch.zeros(s, width, self.shapes[m][1], dtype=dt, device=dev) for m in subs])
+                bts = [torch.zeros(s, width, self.shapes[m][1], dtype=dt, device=dev) for m in subs]
+                layer[fused] = (at, bts)
             self.weights.append(layer)
         self.rank_width = width
         for resident, slot in list(self.slot_of.items()):
