@@ -105,13 +105,15 @@ def _bgmv(batch: LoRABatch, x, y, at, bts):
         xg = x_ext.index_select(0, batch.gather).view(n, g, -1)
     z = torch.bmm(xg, pick(at))  # [n, G, n_sub * R]
     rank = bts[0].shape[1]
-    outs = [torch.bmm(_sub(z, j, rank), pick(bt)) for j, bt in enumerate(bts)]  # [n, G, size_j]
     if batch.gather is None:
+        # Accumulate straight into y's slices: no [T, out] temporary to write and read back.
         offset = 0
-        for out in outs:
-            y[:, offset:offset + out.shape[-1]].view(n, g, -1).add_(out)
-            offset += out.shape[-1]
+        for j, bt in enumerate(bts):
+            size = bt.shape[-1]
+            y[:, offset:offset + size].view(n, g, size).baddbmm_(_sub(z, j, rank), pick(bt))
+            offset += size
         return
+    outs = [torch.bmm(_sub(z, j, rank), pick(bt)) for j, bt in enumerate(bts)]  # [n, G, size_j]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
     y.index_add_(0, batch.scatter, out.view(n * g, -1))
 
