@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import os
 
+# Triton fixes at import time whether its own library functions run interpreted, and bitsandbytes or
+# transformers may import it before the kernel tests do: set it first. Tests that run compiled kernels
+# on CUDA do so in a child process without this variable.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 from gpu_worker.testing import (
