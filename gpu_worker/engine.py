@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from gpu_worker.block_manager import BlockManager
+from gpu_worker.chains import ChainCompletion, ChainRequest, ChainRunner, validate_chain
 from gpu_worker.config import EngineConfig
+from gpu_worker.grammar import GrammarRuntime
 from gpu_worker.lora.layer import attach_lora
 from gpu_worker.lora.pool import AdapterNotReady, AdapterPool
 from gpu_worker.model.loader import load_model
@@ -52,6 +54,8 @@ class Engine:
         self._detokenize = detokenize or load_detokenizer(config.tokenizer or config.model)
         self._seqs: dict[str, Sequence] = {}
         self._finished: dict[str, Sequence] = {}
+        self.chains = ChainRunner(self)
+        self._grammars: GrammarRuntime | None = None  # created by the first grammar request
         self.num_steps = 0
 
     # --- step-level API -------------------------------------------------------------------------------
@@ -59,21 +63,45 @@ class Engine:
     def add_request(self, request: Request) -> str:
         """Validates and queues a request; raises ValueError naming the bad field (nothing is queued then)."""
         self._validate(request)
-        request_id = request.request_id or uuid.uuid4().hex
-        if request_id in self._seqs:
-            raise ValueError(f"Request.request_id {request_id!r} is already in flight")
+        request_id = self._admission_id(request.request_id, "Request")
+        self._enqueue(request, request_id)
+        return request_id
+
+    def add_chain(self, chain: ChainRequest) -> str:
+        """Validates and queues a chain (gpu_worker/chains.py); its deltas carry its id and step index."""
+        validate_chain(chain, self._validate)
+        request_id = self._admission_id(chain.request_id, "ChainRequest")
+        self.chains.add(chain, request_id)
+        return request_id
+
+    def _admission_id(self, request_id: str | None, kind: str) -> str:
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._seqs or request_id in self.chains.running:
+            raise ValueError(f"{kind}.request_id {request_id!r} is already in flight")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise ValueError(f"engine queue full ({self.config.max_waiting} waiting requests); retry later")
+        return request_id
+
+    def _enqueue(self, request: Request, request_id: str, arrival: int | None = None) -> Sequence:
+        """Queues a validated request as a sequence; `arrival` gives it an earlier place in the queue order
+        (a chain's later steps keep their first step's)."""
         deadline = None if request.deadline_ms is None else time.monotonic() + request.deadline_ms / 1000
         seq = Sequence(request_id=request_id, prompt_len=len(request.prompt), token_ids=list(request.prompt),
                        params=request.params, adapters=tuple(request.adapters),
                        cache_key=b"", priority=request.priority,
                        deadline=deadline, generator=make_generator(request.params.seed, self.device))
+        if arrival is not None:
+            seq.arrival = arrival
+        if request.grammar is not None:
+            seq.matcher = self._grammar_runtime().matcher(request.grammar)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
-        return request_id
+        return seq
 
     def abort(self, request_id: str) -> bool:
+        """Aborts a request, or a chain (its running step; the rest are skipped). No delta is emitted."""
+        if request_id in self.chains.running:
+            return self.chains.abort(request_id)
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
@@ -86,7 +114,10 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[TokenDelta]:
-        """Runs one batched forward pass; returns the new tokens and the ends of requests."""
+        """Runs one batched forward pass; returns the new tokens and the ends of requests and chains."""
+        return self.chains.route(self._step())
+
+    def _step(self) -> list[TokenDelta]:
         if self.lora is not None:
             self.lora.poll()
         batch = self.scheduler.schedule()
@@ -104,6 +135,9 @@ class Engine:
     def take_completion(self, request_id: str) -> Completion:
         return self._finished.pop(request_id).to_completion()
 
+    def take_chain_completion(self, request_id: str) -> ChainCompletion:
+        return self.chains.take(request_id)
+
     # --- offline API ----------------------------------------------------------------------------------
 
     def generate(self, requests: list[Request], progress: bool = False) -> list[Completion]:
@@ -118,6 +152,22 @@ class Engine:
             except ValueError as e:
                 raise ValueError(f"request {i}: {e}") from None
         ids = [self.add_request(r) for r in requests]
+        self._run_until_done(ids, progress)
+        return [self.take_completion(i) for i in ids]
+
+    def generate_chains(self, chains: list[ChainRequest], progress: bool = False) -> list[ChainCompletion]:
+        """Runs the chains to completion; returns their completions in the order given (all validated
+        before any is queued, like `generate`)."""
+        for i, chain in enumerate(chains):
+            try:
+                validate_chain(chain, self._validate)
+            except ValueError as e:
+                raise ValueError(f"chain {i}: {e}") from None
+        ids = [self.add_chain(c) for c in chains]
+        self._run_until_done(ids, progress)
+        return [self.take_chain_completion(i) for i in ids]
+
+    def _run_until_done(self, ids: list[str], progress: bool) -> None:
         pending = set(ids)
         bar = _progress_bar(len(ids)) if progress else None
         while pending:
@@ -128,7 +178,6 @@ class Engine:
                         bar.update(1)
         if bar is not None:
             bar.close()
-        return [self.take_completion(i) for i in ids]
 
     def stats(self) -> dict:
         s = self.scheduler
@@ -141,6 +190,7 @@ class Engine:
             "prefix_by_stack": {stack: {"query_tokens": q, "hit_tokens": h, "hit_rate": h / q if q else 0.0}
                                 for stack, (q, h) in s.prefix_by_stack.items()},
             "adapters": self.lora.stats() if self.lora is not None else None,
+            "chains_running": len(self.chains.running),
         }
 
     # --- internals ------------------------------------------------------------------------------------
@@ -149,6 +199,10 @@ class Engine:
         batch = SamplingBatch.build([s.params for s in seqs], [s.token_ids[: s.prompt_len] for s in seqs],
                                     [s.outputs for s in seqs], [s.generator for s in seqs], self.vocab_size,
                                     self.device)
+        if self._grammars is not None:
+            constraint = self._grammars.fill([s.matcher for s in seqs])
+            if constraint is not None:
+                batch.token_bitmask, batch.bitmask_rows = constraint
         token_ids, logprobs = self.sampler(logits, batch)
         deltas = []
         for seq, token, logprob in zip(seqs, token_ids.tolist(), logprobs.tolist()):
@@ -163,6 +217,8 @@ class Engine:
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
+        if seq.matcher is not None and (reason := self._grammars.advance(seq, token)) is not None:
+            return reason
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             seq.stop_reason = token
             return "stop"
@@ -204,6 +260,12 @@ class Engine:
         """A pinned adapter is never evicted from its device slot or from host memory."""
         self._adapter_pool().pin(name, pinned)
 
+    def _grammar_runtime(self) -> GrammarRuntime:
+        if self._grammars is None:
+            self._grammars = GrammarRuntime(self.config.tokenizer or self.config.model, self.vocab_size,
+                                            self.eos_ids, self.config.max_num_seqs, self.device)
+        return self._grammars
+
     def _adapter_pool(self) -> AdapterPool:
         if self.lora is None:
             self.lora = AdapterPool(self.model.args, self.config.lora, self.config.torch_dtype, self.device)
@@ -231,6 +293,8 @@ class Engine:
             raise ValueError(f"Request.priority must be >= 0, got {request.priority}")
         if request.deadline_ms is not None and request.deadline_ms <= 0:
             raise ValueError(f"Request.deadline_ms must be > 0, got {request.deadline_ms}")
+        if request.grammar is not None:  # compiled once per distinct grammar; ValueError when invalid
+            self._grammar_runtime().compile(request.grammar)
         total = min(len(prompt) + request.params.max_tokens, self.max_model_len)
         need = -(-total // self.blocks.block_size)
         if need > self.blocks.num_blocks:

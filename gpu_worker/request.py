@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
+from gpu_worker.grammar import Grammar
 from gpu_worker.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -21,6 +23,7 @@ class Request:
     request_id: str | None = None  # generated when None
     priority: int = 0  # 0 is the highest
     deadline_ms: float | None = None  # dropped with finish_reason "deadline" if not admitted in time
+    grammar: Grammar | None = None  # constrains the output (gpu_worker/grammar.py)
 
 
 @dataclass
@@ -44,6 +47,7 @@ class TokenDelta:
     logprob: float | None
     finish_reason: str | None = None
     error: str | None = None
+    step: int = 0  # index of the chain step that produced it (0 for a plain request)
 
 
 class SeqStatus(Enum):
@@ -75,6 +79,7 @@ class Sequence:
     stop_reason: int | str | None = None
     error: str | None = None
     adapter_slots: tuple[int, ...] = ()  # device slots of the adapter stack while running
+    matcher: Any = None  # xgrammar GrammarMatcher of a grammar-constrained sequence (state of its outputs)
 
     @property
     def outputs(self) -> list[int]:

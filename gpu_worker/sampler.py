@@ -2,6 +2,7 @@
 
 Per step, for logits ``[B, V]``:
 
+    logits[constrained rows] = -inf where the row's grammar forbids the token   (grammar.py)
     logits = penalties(logits)                   # repetition (prompt + output), frequency / presence (output)
     greedy rows: token = argmax(logits)
     logits = logits / temperature
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_worker.grammar import apply_token_bitmask
 from gpu_worker.sampling_params import SamplingParams
 
 # Exp(1) draws can be exactly 0 in float32; dividing a masked token's zero probability by 0 gives NaN, and
@@ -81,6 +83,9 @@ class SamplingBatch:
     do_frequency_presence: bool
     seen_tokens: torch.Tensor | None = None  # bool [B, V]: in prompt or output; only if do_repetition
     output_counts: torch.Tensor | None = None  # float32 [B, V]; only if do_frequency_presence
+    # Grammar constraints (set by the engine after build): int32 [B, ceil(V / 32)], applied to these rows.
+    token_bitmask: torch.Tensor | None = None
+    bitmask_rows: list[int] | None = None
 
     @classmethod
     def build(
@@ -134,24 +139,30 @@ class SamplingBatch:
     def do_penalties(self) -> bool:
         return self.do_repetition or self.do_frequency_presence
 
+    @property
+    def constrained(self) -> bool:
+        return self.token_bitmask is not None
+
 
 class Sampler:
     """Picks one token per row from logits [B, V].
 
     ``__call__`` returns ``(token_ids [B] int64, logprobs [B] float32)``. ``logprobs[b]`` is the natural
     log-probability of the chosen token under the RAW model distribution, ``log_softmax(logits[b])``, before
-    penalties, temperature and truncation: what transformers reports for greedy decoding, and a value that
-    does not depend on the sampling settings.
+    penalties, temperature, truncation and grammar masks: what transformers reports for greedy decoding,
+    and a value that does not depend on the sampling settings.
     """
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float()
         # log p(chosen) = logit - logsumexp: one reduction instead of a full [B, V] log_softmax.
         log_norm = torch.logsumexp(logits, dim=-1)
-        if batch.all_greedy and not batch.do_penalties:
+        if batch.all_greedy and not batch.do_penalties and not batch.constrained:
             best, token_ids = logits.max(dim=-1)  # max(dim) is ~3x faster than argmax on the CPU
             return token_ids, best - log_norm
         raw = logits
+        if batch.constrained:
+            logits = apply_token_bitmask(logits, batch.token_bitmask, batch.bitmask_rows)
         logits = apply_penalties(logits, batch)
         greedy_ids = logits.argmax(dim=-1)
         if batch.all_greedy:
