@@ -14,6 +14,9 @@ Against the Redis at REDIS_URL, under a key prefix of its own (npc-bench:<uuid>:
   redis      per-call ms of a turn write (record_turn on a hot entry: one MULTI of ZADD, trims, PEXPIRE and
              the outbox XADD) and of a read (the prefetch misses above); redis_p95_ms is the worse p95.
   hot        per-call ms of prefetch on a hot hit (no I/O), random NPCs among the N.
+  unseen     per-call ms of prefetch for N pairs Redis has nothing of (players the NPCs never met, or met
+             more than 30 days ago): the same one round trip, plus a cold-restore request XADDed in the
+             background; the conversation start never waits for it (or for PostgreSQL).
   archive    merged in from bench/memory_archive.py (`archive_results(args) -> dict`) when that module exists.
 """
 
@@ -68,7 +71,7 @@ def archive_results(args) -> dict:
         return {}
     from bench import memory_archive
 
-    return memory_archive.archive_results(args)
+    return memory_archive.archive_results(args) | {"targets": memory_archive.TARGETS}
 
 
 async def memory_results(sizes: Sizes) -> dict:
@@ -83,6 +86,7 @@ async def memory_results(sizes: Sizes) -> dict:
         result = await prefetch_section(store, npcs, sizes)
         result |= await write_section(store, npcs, sizes, result.pop("_read_seconds"))
         result |= await hot_section(store, npcs, sizes)
+        result |= await unseen_section(store, npcs)
     finally:
         await store.aclose()
         await delete_keys(client, config.key_prefix)
@@ -190,6 +194,21 @@ async def hot_section(store: MemoryStore, npcs: list[str], sizes: Sizes) -> dict
     ms = summarize_ms(seconds)
     log(f"hot: {len(seconds)} lookups, p99 {ms['p99'] * 1000:.1f} us")
     return {"hot_p50_ms": ms["p50"], "hot_p99_ms": ms["p99"], "hot_entries": len(store.hot)}
+
+
+async def unseen_section(store: MemoryStore, npcs: list[str]) -> dict:
+    """Conversation starts with a player Redis knows nothing of: each asks for a cold restore."""
+    seconds = []
+    for npc in npcs:
+        start = time.perf_counter()
+        context = await store.prefetch(npc, "stranger")
+        seconds.append(time.perf_counter() - start)
+        if not context.restore_pending:
+            raise AssertionError(f"{npc} x stranger did not ask for a cold restore")
+    await store.drain()
+    ms = summarize_ms(seconds)
+    log(f"unseen: {len(seconds)} starts asking for a restore, p95 {ms['p95']:.3f} ms")
+    return {"prefetch_unseen_p95_ms": ms["p95"], "restores_requested": store.stats()["restores_requested"]}
 
 
 if __name__ == "__main__":

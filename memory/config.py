@@ -39,6 +39,10 @@ class MemoryConfig:
     prefetch_emotion_points: int = 8
     outbox_maxlen: int | None = None  # None: no trimming (the archiver acks and deletes); else MAXLEN ~ n
 
+    # Cold restore (memory/restore.py refills Redis from PostgreSQL in the background; never on the hot path).
+    cold_restore: bool = True  # a prefetch that finds a pair empty in Redis asks the restore job for it
+    restore_wait_s: float = 120.0  # while a request is this fresh, prefetch re-checks Redis for the answer
+
     # Redis outage: writes wait in a bounded in-process buffer and are flushed in order when Redis returns.
     redis_timeout_s: float = 0.5  # socket connect/read timeout of the client built by `connect`
     buffer_max_writes: int = 20_000  # buffered write batches; on overflow the oldest is dropped and counted
@@ -58,7 +62,8 @@ class MemoryConfig:
     def __post_init__(self):
         _require(isinstance(self.key_prefix, str) and _PREFIX.fullmatch(self.key_prefix) is not None,
                  "key_prefix", f"must match {_PREFIX.pattern} (end with ':'), got {self.key_prefix!r}")
-        for name in ("hot_ttl_s", "idle_key_ttl_s", "window_days", "redis_timeout_s", "summarize_timeout_s"):
+        for name in ("hot_ttl_s", "idle_key_ttl_s", "window_days", "redis_timeout_s", "summarize_timeout_s",
+                     "restore_wait_s"):
             value = getattr(self, name)
             _require(_is_number(value) and value > 0, name, f"must be a number > 0, got {value!r}")
         _require(_is_number(self.retry_interval_s) and self.retry_interval_s >= 0, "retry_interval_s",

@@ -37,10 +37,16 @@ class PairMemory:
     candidates: list[Fact] = field(default_factory=list)  # fact candidates of turns compacted out
     loaded: bool = True
     last_used: float = 0.0
+    restore_requested: float | None = None  # when a cold restore was asked for (store clock); None: none open
 
     @property
     def key(self) -> PairKey:
         return (self.npc_id, self.player_id)
+
+    def is_empty(self) -> bool:
+        """Nothing remembered at all: what a pair unseen for longer than the window looks like in Redis."""
+        return not (self.relationship or self.quest or self.turns or self.summaries or self.facts
+                    or self.emotions)
 
     def append_turn(self, turn: Turn, window_max: int, window_min: int) -> list[Turn]:
         """Appends to the window; when it grows past window_max, keeps only the newest window_min turns.

@@ -11,12 +11,18 @@ Key layout (P is MemoryConfig.key_prefix, "npc:mem:" by default; ids never conta
 | P facts:<npc>:<player> | zset | Fact JSON by ts: the retained salient facts (<= max_facts, merge_facts) |
 | P emo:<npc>:<player> | zset | EmotionPoint JSON by ts: the emotional trajectory (<= max_emotion_points) |
 | P outbox | stream | OutboxEvent fields (memory.events): every turn and memory event, for the archiver |
+| P restore:requests | stream | cold-restore requests {npc_id, player_id} for npc-restore (restore.py) |
+| P restore:<npc>:<player> | string | npc-restore's answer: the pair's archived history as JSON (TTL 24 h) |
 
-Time: every zset is scored by the store's injectable clock (epoch seconds), and both trimming
-(ZREMRANGEBYSCORE below now - window on each write) and reading (BYSCORE from now - window) use that clock, so
-the 30-day window follows game/test time. Redis's own TTLs run on its wall clock: every write re-arms
-`idle_key_ttl_s` (PEXPIRE) on the keys it writes, and a session end on all six keys, so an NPC x player idle
-for longer disappears.
+Time: every zset is scored by the store's injectable clock (epoch seconds: a record's ts, or for a restored
+record the window time it was given, `window_ts`), and both trimming (ZREMRANGEBYSCORE below now - window on
+each write) and reading (BYSCORE from now - window) use that clock, so the 30-day window follows game/test
+time. Redis's own TTLs run on its wall clock: every write of a pair (turn, card, game event, session end)
+re-arms `idle_key_ttl_s` (PEXPIRE) on all six of its keys, so only an NPC x player idle for longer
+disappears, and never one key of a pair in conversation while the others stay.
+
+Cold restore: every prefetch also GETs the pair's restore blob (one more read in the same round trip);
+`parse_restore` turns a blob into records that the store merges into the keys above (memory/store.py).
 
 Writes are raw commands (tuples) built here without I/O, so the store can pipeline them, buffer them through
 an outage and replay them. Every member is deterministic JSON with a unique id, so a replayed ZADD/SET is a
@@ -25,24 +31,66 @@ no-op (the replayed XADD repeats its event_id, which the archive deduplicates).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 
 import redis.asyncio as aioredis
 
-from memory.cards import CardError, QuestCard, RelationshipCard, deserialize_card
+from memory.cards import CardError, QuestCard, RelationshipCard, card_from_dict, deserialize_card
 from memory.config import MemoryConfig
 from memory.events import OutboxEvent, outbox_stream
 from memory.hot_cache import PairMemory
-from memory.records import EmotionPoint, Fact, Summary, Turn
+from memory.records import EmotionPoint, Fact, Summary, Turn, check_id
 
 log = logging.getLogger(__name__)
 
 Command = tuple  # one raw Redis command: ("ZADD", key, score, member), ...
 PAIR_KEY_KINDS = ("rel", "quest", "turns", "sum", "facts", "emo")
-PREFETCH_COMMANDS = len(PAIR_KEY_KINDS)  # replies per pair in a prefetch pipeline, in PAIR_KEY_KINDS order
+# Replies per pair in a prefetch pipeline: PAIR_KEY_KINDS in order, then the restore blob.
+PREFETCH_COMMANDS = len(PAIR_KEY_KINDS) + 1
+RESTORE_VERSION = 1  # of the restore blob (written by memory/restore.py, read by parse_restore)
+RESTORE_SPACING_S = 0.001  # window-time step between restored records of one kind (keeps their order)
 _WHITESPACE = re.compile(r"\s+")
+
+
+def restore_key(prefix: str, npc_id: str, player_id: str) -> str:
+    return f"{prefix}restore:{npc_id}:{player_id}"
+
+
+def restore_requests_stream(prefix: str) -> str:
+    # Cannot collide with a restore_key: ids never contain ':'.
+    return f"{prefix}restore:requests"
+
+
+def restore_request_cmd(prefix: str, npc_id: str, player_id: str | None) -> Command:
+    """One XADD asking npc-restore for a pair's history (player_id None: the NPC's recent players)."""
+    check_id(npc_id, "npc_id")
+    if player_id is not None:
+        check_id(player_id, "player_id")
+    return ("XADD", restore_requests_stream(prefix), "*", "npc_id", npc_id, "player_id", player_id or "")
+
+
+@dataclass
+class RestoredMemory:
+    """A restore blob's records (memory/restore.py), each parsed and validated; turns and game events are
+    not kept (ended sessions live on in their summaries, events in the cards and facts they produced)."""
+
+    relationship: RelationshipCard | None = None
+    quest: QuestCard | None = None
+    summaries: list[Summary] = field(default_factory=list)
+    facts: list[Fact] = field(default_factory=list)
+    emotions: list[EmotionPoint] = field(default_factory=list)
+
+
+def restamp(records: Sequence, below: float) -> list:
+    """The records, oldest first, with window times (restored_at) RESTORE_SPACING_S apart ending just below
+    `below`: their order is kept and they sort before everything the pair wrote after `below`."""
+    ordered = sorted(records, key=lambda r: r.ts)
+    n = len(ordered)
+    return [replace(r, restored_at=below - (n - i) * RESTORE_SPACING_S) for i, r in enumerate(ordered)]
 
 
 class Nearline:
@@ -73,7 +121,7 @@ class Nearline:
         key = self.key(kind, npc_id, player_id)
         cmds: list[Command] = []
         if records:
-            cmds.append(("ZADD", key, *[x for r in records for x in (repr(r.ts), r.to_json())]))
+            cmds.append(("ZADD", key, *[x for r in records for x in (repr(r.window_ts), r.to_json())]))
         cmds.append(("ZREMRANGEBYSCORE", key, "-inf", f"({self.cutoff(now)!r}"))
         cmds.append(("ZREMRANGEBYRANK", key, 0, -(keep + 1)))
         cmds.append(("PEXPIRE", key, self.idle_ms))
@@ -82,9 +130,11 @@ class Nearline:
     def turn_cmds(self, npc_id: str, player_id: str, turn: Turn, compacted: Sequence[Turn],
                   now: float) -> list[Command]:
         """Appends a turn; `compacted` are the turns the hot window just dropped, removed here too, so Redis
-        holds the same window as the prompt (a reload rebuilds the same prompt prefix)."""
+        holds the same window as the prompt (a reload rebuilds the same prompt prefix). Re-arms the idle TTL
+        of all the pair's keys: a pair in conversation is not idle, whichever keys this turn writes."""
         return self.drop_turns_cmds(npc_id, player_id, compacted) + self._zadd_window(
-            "turns", npc_id, player_id, [turn], now, self.config.turn_window_max)
+            "turns", npc_id, player_id, [turn], now, self.config.turn_window_max) + self.touch_cmds(
+            npc_id, player_id)
 
     def drop_turns_cmds(self, npc_id: str, player_id: str, turns: Sequence[Turn]) -> list[Command]:
         """Removes exactly these turns (a session end folds them; turns of a newer session stay)."""
@@ -92,9 +142,13 @@ class Nearline:
             return []
         return [("ZREM", self.key("turns", npc_id, player_id), *[t.to_json() for t in turns])]
 
-    def card_cmds(self, card: RelationshipCard | QuestCard, data: bytes) -> list[Command]:
+    def card_cmds(self, card: RelationshipCard | QuestCard, data: bytes,
+                  only_new: bool = False) -> list[Command]:
+        """SET of the card; only_new (NX): never over a card already there (a restored card must not replace
+        one written since)."""
         kind = "rel" if isinstance(card, RelationshipCard) else "quest"
-        return [("SET", self.key(kind, card.npc_id, card.player_id), data, "PX", self.idle_ms)]
+        nx = ("NX",) if only_new else ()
+        return [("SET", self.key(kind, card.npc_id, card.player_id), data, "PX", self.idle_ms, *nx)]
 
     def summary_cmds(self, npc_id: str, player_id: str, summary: Summary, now: float) -> list[Command]:
         return self._zadd_window("sum", npc_id, player_id, [summary], now, self.config.max_summaries)
@@ -111,6 +165,16 @@ class Nearline:
 
     def emotion_cmds(self, npc_id: str, player_id: str, point: EmotionPoint, now: float) -> list[Command]:
         return self._zadd_window("emo", npc_id, player_id, [point], now, self.config.max_emotion_points)
+
+    def restored_cmds(self, npc_id: str, player_id: str, summaries: Sequence[Summary],
+                      emotions: Sequence[EmotionPoint], now: float) -> list[Command]:
+        """Writes restored summaries and emotion points (already restamped) and deletes the restore blob."""
+        c, cmds = self.config, [("DEL", restore_key(self.prefix, npc_id, player_id))]
+        if summaries:
+            cmds += self._zadd_window("sum", npc_id, player_id, summaries, now, c.max_summaries)
+        if emotions:
+            cmds += self._zadd_window("emo", npc_id, player_id, emotions, now, c.max_emotion_points)
+        return cmds
 
     def touch_cmds(self, npc_id: str, player_id: str) -> list[Command]:
         return [("PEXPIRE", key, self.idle_ms) for key in self.pair_keys(npc_id, player_id)]
@@ -134,20 +198,24 @@ class Nearline:
         pipe.execute_command("ZRANGE", self.key("facts", npc_id, player_id), low, "+inf", "BYSCORE")
         pipe.execute_command("ZRANGE", self.key("emo", npc_id, player_id), "+inf", low, "BYSCORE", "REV",
                              "LIMIT", 0, c.prefetch_emotion_points)
+        pipe.execute_command("GET", restore_key(self.prefix, npc_id, player_id))
 
-    def parse_prefetch(self, replies: Sequence, npc_id: str, player_id: str) -> PairMemory:
-        rel, quest, turns, summaries, facts, emotions = replies
+    def parse_prefetch(self, replies: Sequence, npc_id: str,
+                       player_id: str) -> tuple[PairMemory, bytes | None]:
+        """(the pair's memory, its raw restore blob or None)."""
+        rel, quest, turns, summaries, facts, emotions, blob = replies
         entry = PairMemory(npc_id, player_id, relationship=self._card(rel, RelationshipCard),
                            quest=self._card(quest, QuestCard), turns=self._records(turns, Turn),
                            summaries=self._records(summaries, Summary), facts=self._records(facts, Fact),
                            emotions=self._records(emotions, EmotionPoint))
         entry.turns = sorted(entry.turns, key=lambda t: (t.ts, t.seq))[-self.config.turn_window_max:]
         entry.session_id = entry.turns[-1].session_id if entry.turns else None  # resume an open session
-        return entry
+        return entry, blob
 
     async def prefetch(self, client: aioredis.Redis, pairs: Sequence[tuple[str, str]],
-                       now: float) -> list[PairMemory]:
-        """Everything a conversation start needs for each pair, in ONE pipelined round trip."""
+                       now: float) -> list[tuple[PairMemory, bytes | None]]:
+        """Everything a conversation start needs for each pair, in ONE pipelined round trip: (memory,
+        restore blob or None) per pair."""
         async with client.pipeline(transaction=False) as pipe:
             for npc_id, player_id in pairs:
                 self.queue_prefetch(pipe, npc_id, player_id, now)
@@ -155,6 +223,47 @@ class Nearline:
         n = PREFETCH_COMMANDS
         return [self.parse_prefetch(replies[i * n:(i + 1) * n], npc, player)
                 for i, (npc, player) in enumerate(pairs)]
+
+    def parse_restore(self, raw: bytes, npc_id: str, player_id: str) -> RestoredMemory | None:
+        """The records of a restore blob; None (counted as corrupt) when the blob itself is unusable. A bad
+        entry inside is skipped and counted, the others are kept."""
+        try:
+            blob = json.loads(raw)
+            if not isinstance(blob, dict) or blob.get("version") != RESTORE_VERSION:
+                raise ValueError(f"not a version {RESTORE_VERSION} restore blob")
+            if (blob.get("npc_id"), blob.get("player_id")) != (npc_id, player_id):
+                raise ValueError(f"blob of {blob.get('npc_id')!r} x {blob.get('player_id')!r} under the key "
+                                 f"of {npc_id!r} x {player_id!r}")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return self._corrupt("restore blob", e)
+        cards = blob.get("cards") if isinstance(blob.get("cards"), dict) else {}
+        return RestoredMemory(
+            relationship=self._restored_card(cards.get("relationship"), RelationshipCard, npc_id, player_id),
+            quest=self._restored_card(cards.get("quest"), QuestCard, npc_id, player_id),
+            summaries=self._restored(blob.get("summaries"), Summary),
+            facts=self._restored(blob.get("facts"), Fact),
+            emotions=self._restored(blob.get("emotions"), EmotionPoint))
+
+    def _restored(self, items: object, cls: type) -> list:
+        # Items are {"ts": epoch s, "payload": the outbox payload, i.e. the record's dict}.
+        records = []
+        for item in items if isinstance(items, list) else []:
+            try:
+                records.append(cls.from_dict(item["payload"]))
+            except (ValueError, TypeError, KeyError) as e:
+                self._corrupt(f"restored {cls.__name__}", e)
+        return records
+
+    def _restored_card(self, item: object, cls: type, npc_id: str, player_id: str):
+        if item is None:
+            return None
+        try:
+            card = card_from_dict(item["payload"]["card"])
+            if not isinstance(card, cls) or (card.npc_id, card.player_id) != (npc_id, player_id):
+                raise ValueError(f"a {type(card).__name__} of {card.npc_id!r} x {card.player_id!r}")
+        except (ValueError, TypeError, KeyError) as e:  # CardError is a ValueError
+            return self._corrupt(f"restored {cls.CARD_TYPE} card", e)
+        return card
 
     def _card(self, raw: bytes | None, cls: type):
         if raw is None:
@@ -191,9 +300,10 @@ def normalized(text: str) -> str:
 def merge_facts(existing: Sequence[Fact], new: Sequence[Fact], max_facts: int,
                 cutoff: float) -> tuple[list[Fact], list[Fact], list[Fact]]:
     """(kept, added, evicted) after learning `new`: the `max_facts` most important facts inside the window
-    (newer first on ties). A new fact with the text of a held one replaces it, keeping the higher importance.
-    `added` are the new facts kept; `evicted` the held facts to delete."""
-    by_text = {normalized(f.text): f for f in existing if f.ts >= cutoff}
+    (by window_ts; newer first on ties, by ts). Of held facts with one text the later in `existing` wins; a
+    new fact with the text of a held one replaces it, keeping the higher importance. `added` are the new
+    facts kept; `evicted` the held facts to delete."""
+    by_text = {normalized(f.text): f for f in existing if f.window_ts >= cutoff}
     for fact in new:
         held = by_text.get(normalized(fact.text))
         if held is not None and held.importance > fact.importance:

@@ -3,6 +3,10 @@
 Each is a frozen dataclass validated when built, with one JSON form (compact, sorted keys) used in Redis and
 in outbox payloads. The JSON of a record is deterministic, so a record re-written after a lost reply lands on
 the same sorted-set member (writes are idempotent).
+
+Two times: `ts` is when the thing happened (prompt dates and retrieval recency use it); `window_ts` is where
+the record sits in the 30-day Redis window. They differ only for facts, summaries and emotion points that a
+cold restore brought back from the archive (`restored_at`, see memory/store.py).
 """
 
 from __future__ import annotations
@@ -78,7 +82,17 @@ class _Record:
     """JSON round trip shared by the records (each a frozen dataclass of JSON-native fields)."""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if "restored_at" in out and out["restored_at"] is None:
+            del out["restored_at"]  # only restored records carry it: the JSON of every other one is unchanged
+        return out
+
+    @property
+    def window_ts(self) -> float:
+        """Where the record sits in the 30-day window (its Redis score, what trimming and retention compare):
+        the time a cold restore put it back, else its own ts."""
+        restored = getattr(self, "restored_at", None)
+        return self.ts if restored is None else restored
 
     def to_json(self) -> str:
         return compact_json(self.to_dict())
@@ -137,6 +151,7 @@ class Fact(_Record):
     ts: float
     fact_id: str = field(default_factory=new_id)
     source: str = "session"  # "session" (extracted at session end) or a game event type
+    restored_at: float | None = None  # set by a cold restore (see window_ts); ts stays when it was learned
 
     def __post_init__(self):
         check_text(self.text, "text", MAX_FACT_CHARS)
@@ -147,6 +162,7 @@ class Fact(_Record):
         object.__setattr__(self, "ts", check_ts(self.ts))
         check_hex_id(self.fact_id, "fact_id")
         check_text(self.source, "source", 32)
+        _check_restored_at(self)
 
 
 @dataclass(frozen=True)
@@ -159,6 +175,7 @@ class Summary(_Record):
     turns: int  # how many turns it folds
     summary_id: str = field(default_factory=new_id)
     method: str = "extractive"  # "worker" when the worker's summarization request wrote it
+    restored_at: float | None = None  # set by a cold restore (see window_ts)
 
     def __post_init__(self):
         check_text(self.text, "text", 4096)
@@ -169,6 +186,7 @@ class Summary(_Record):
             raise ValueError(f"turns: must be an int >= 0, got {self.turns!r}")
         if self.method not in ("extractive", "worker"):
             raise ValueError(f"method: must be 'extractive' or 'worker', got {self.method!r}")
+        _check_restored_at(self)
 
 
 @dataclass(frozen=True)
@@ -180,6 +198,7 @@ class EmotionPoint(_Record):
     ts: float
     source: str = "session"
     point_id: str = field(default_factory=new_id)
+    restored_at: float | None = None  # set by a cold restore (see window_ts)
 
     def __post_init__(self):
         _check_emotion(self.valence, self.arousal, optional=False)
@@ -188,6 +207,12 @@ class EmotionPoint(_Record):
         object.__setattr__(self, "ts", check_ts(self.ts))
         check_text(self.source, "source", 32)
         check_hex_id(self.point_id, "point_id")
+        _check_restored_at(self)
+
+
+def _check_restored_at(record) -> None:
+    if record.restored_at is not None:
+        object.__setattr__(record, "restored_at", check_ts(record.restored_at, "restored_at"))
 
 
 def _check_emotion(valence: object, arousal: object, optional: bool) -> None:

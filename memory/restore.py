@@ -1,10 +1,11 @@
 """Cold restore: refills Redis from the PostgreSQL archive for an NPC x player unseen for more than 30 days.
 
-Nothing on the hot path reads PostgreSQL. The nearline layer, finding no keys for a pair (they expire after
-30 idle days), calls `request_restore` (one XADD to `<prefix>restore:requests`) and serves the turn with what
-it has. This background job (`python -m memory.restore --run`, a process of its own like the archiver)
-reads each request with a consumer group, reads the pair's history from the archive and writes it as one
-JSON blob, with a TTL, to
+Nothing on the hot path reads PostgreSQL. `MemoryStore.prefetch`, finding nothing in Redis for a pair (its
+keys expire after 31 idle days, its entries leave the 30-day window), sends one XADD to
+`<prefix>restore:requests` in the background (`request_restore` is the same command) and serves the
+conversation start with what it has. This background job (`python -m memory.restore --run`, a process of
+its own like the archiver) reads each request with a consumer group, reads the pair's history from the
+archive and writes it as one JSON blob, with a TTL, to
 
     <prefix>restore:<npc_id>:<player_id>
 
@@ -16,9 +17,11 @@ JSON blob, with a TTL, to
      "cards":     {"relationship": {"ts": ..., "payload": {...}}, "quest": {...}}   the newest of each type
      "events":    [{"ts": ..., "payload": GameEvent dict}, ...]          oldest first, newest max_events}
 
-Payloads are the outbox payloads exactly as archived (memory/events.py). The nearline layer (owned by the
-hot-path half of the memory package) consumes the blob at its next conversation start: it merges the
-entries into its own keys and deletes the blob. A request for an NPC without a player id restores the
+Payloads are the outbox payloads exactly as archived (memory/events.py). The store finds the blob with the
+GET that every prefetch round trip carries, merges facts, summaries, emotion points and cards into the
+pair's keys (re-scored into the window: memory/store.py) and deletes the blob. Key names and the blob
+version come from memory/nearline.py, so the two sides cannot disagree; the prefix defaults to
+MemoryConfig.key_prefix, like the archiver's. A request for an NPC without a player id restores the
 `max_players` players that NPC saw last. Requests are idempotent (the blob is overwritten), acknowledged
 only after the blob is written, and reclaimed from dead workers like the archiver's outbox entries.
 """
@@ -31,7 +34,6 @@ import contextlib
 import json
 import logging
 import math
-import re
 import signal
 import sys
 import time
@@ -44,36 +46,18 @@ import redis.exceptions
 from memory import archive_schema
 from memory.archiver import Backoff, default_consumer
 from memory.config import MemoryConfig
+from memory.nearline import RESTORE_VERSION, restore_key, restore_request_cmd
+from memory.nearline import restore_requests_stream as requests_stream
+from memory.records import check_id
 from memory.services import database_url, redis_url
 
 log = logging.getLogger("npc-restore")
-
-RESTORE_VERSION = 1
-_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,128}:")
-_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # the ids of memory.records.check_id: no ':' inside a key part
-
-
-def restore_key(prefix: str, npc_id: str, player_id: str) -> str:
-    return f"{prefix}restore:{npc_id}:{player_id}"
-
-
-def requests_stream(prefix: str) -> str:
-    return f"{prefix}restore:requests"
 
 
 async def request_restore(client: aioredis.Redis, prefix: str, npc_id: str,
                           player_id: str | None = None) -> None:
     """Asks the restore job for a pair's (or an NPC's) history: one XADD, safe to call on the hot path."""
-    _check_id(npc_id, "npc_id")
-    if player_id is not None:
-        _check_id(player_id, "player_id")
-    await client.xadd(requests_stream(prefix), {"npc_id": npc_id, "player_id": player_id or ""})
-
-
-def _check_id(value: object, name: str) -> str:
-    if not isinstance(value, str) or not _ID.fullmatch(value):
-        raise ValueError(f"{name}: needs 1-128 of letters, digits, '_', '.' or '-', got {value!r}")
-    return value
+    await client.execute_command(*restore_request_cmd(prefix, npc_id, player_id))
 
 
 @dataclass(frozen=True)
@@ -86,7 +70,9 @@ class RestoreConfig:
     consumer: str = field(default_factory=default_consumer)
     max_turns: int = 20  # the hot window's maximum
     max_summaries: int = 3
-    max_facts: int = 10
+    # Headroom over MemoryConfig.max_facts (10): the archive keeps a fact learned again under a new id, and
+    # the store de-duplicates by text before it keeps the 10 best.
+    max_facts: int = 30
     max_emotions: int = 16
     max_events: int = 10
     max_players: int = 20  # pairs restored for a request that names only the NPC
@@ -96,8 +82,7 @@ class RestoreConfig:
     backoff_max_s: float = 5.0
 
     def __post_init__(self):
-        if not isinstance(self.prefix, str) or not _PREFIX.fullmatch(self.prefix):
-            raise ValueError(f"prefix {self.prefix!r} must match {_PREFIX.pattern} (end with ':')")
+        MemoryConfig(key_prefix=self.prefix)  # the one rule for prefixes (ValueError names it)
         archive_schema.validate_schema_name(self.schema)
         for name in ("max_turns", "max_summaries", "max_facts", "max_emotions", "max_events", "max_players",
                      "blob_ttl_s", "claim_min_idle_ms"):
@@ -111,13 +96,15 @@ class RestoreConfig:
 # ------------------------------------------------------------------------------------ reading the archive
 
 # Non-turn history of a pair, raw (events) and folded (memories): the newest few of each kind; facts by
-# importance; the newest card of each card type.
+# importance, then newest, then fact_id (the hot path's retention order, so ties fall the same way); the
+# newest card of each card type.
 _MEMORY_SQL = """
 SELECT kind, extract(epoch FROM ts) AS ts, payload FROM (
     SELECT kind, ts, payload, row_number() OVER (
         PARTITION BY kind, CASE WHEN kind = 'card' THEN payload->>'card_type' END
         ORDER BY CASE WHEN kind = 'fact' AND jsonb_typeof(payload->'importance') = 'number'
-                      THEN (payload->>'importance')::float8 END DESC NULLS LAST, ts DESC) AS rank
+                      THEN (payload->>'importance')::float8 END DESC NULLS LAST, ts DESC,
+                 payload->>'fact_id' DESC) AS rank
     FROM (SELECT kind, ts, payload FROM {s}.events WHERE npc_id = $1 AND player_id = $2 AND kind <> 'turn'
           UNION ALL
           SELECT kind, ts, payload FROM {s}.memories WHERE npc_id = $1 AND player_id = $2) history
@@ -291,7 +278,15 @@ class RestoreWorker:
 
     async def _connection(self) -> asyncpg.Connection:
         if self.conn is None or self.conn.is_closed():
-            self.conn = await asyncpg.connect(self.cfg.database_url, timeout=5.0)
+            conn = await asyncpg.connect(self.cfg.database_url, timeout=5.0)
+            try:
+                # An archive no archiver has created yet is an empty one (every request answers "nothing"),
+                # not an error to retry forever.
+                await archive_schema.migrate(conn, self.cfg.schema)
+            except BaseException:
+                conn.terminate()
+                raise
+            self.conn = conn
         return self.conn
 
     async def _drop_connection(self) -> None:
@@ -328,9 +323,9 @@ def _parse_request(entry_id: str, fields: dict | None) -> tuple[str, str | None]
     if not fields:
         return None
     try:
-        npc_id = _check_id(fields.get("npc_id"), "npc_id")
+        npc_id = check_id(fields.get("npc_id"), "npc_id")
         player_id = fields.get("player_id") or None
-        return npc_id, None if player_id is None else _check_id(player_id, "player_id")
+        return npc_id, None if player_id is None else check_id(player_id, "player_id")
     except ValueError as exc:
         log.warning("dropping bad restore request %s: %s", entry_id, exc)
         return None

@@ -19,6 +19,22 @@ Redis up. While Redis is down (or the buffer is not yet drained) prefetch serves
 "degraded" context when there is none. Card transitions need the current cards: on an entry built without
 Redis (`loaded` False) `apply_event`/`get_card` raise MemoryUnavailable rather than overwrite unknown cards.
 
+Cold restore (a pair unseen for longer than the 30-day window has nothing left in Redis): a prefetch whose
+round trip finds the pair empty serves that empty context at once, and asks the restore job for the pair's
+archived history with one XADD sent in the background (`npc-restore`, memory/restore.py; PostgreSQL is read
+there, never here). Every pair, known to the game or not, is asked for on its first empty prefetch: a first
+meeting costs one XADD and one indexed archive lookup off the hot path, and the job answers "nothing" with an
+empty blob. While the request is open (`restore_wait_s` on the store clock, and Redis up) the pair's
+prefetches skip the hot cache and go to Redis, whose one round trip also GETs the blob; once it is there its
+facts, summaries, emotion points and cards are merged into the hot entry and into the Redis keys, and the
+blob is deleted, in one MULTI (a second round trip, once per restore). Re-scoring: restored records keep
+their own `ts` (prompt dates and retrieval recency stay true) and get window times (`restored_at`, their
+Redis scores) 1 ms apart, in their original order, just below the oldest record of that kind the pair
+already holds (or the restore time): inside the window, before anything written since, and they age out 30
+days after the restore unless the pair is seen again. A card written while the request was open wins over
+the archived one (SET NX); archived turns and game events are not restored (ended sessions live on in their
+summaries, events in the cards and facts they changed).
+
 Session end awaits the worker's summary (seconds, at low priority): run `end_session` as a task beside the
 NPC's actor, not on its hot path; it detaches the turns first, so a conversation may resume meanwhile.
 
@@ -46,6 +62,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from memory.cards import (
     Card,
+    CardTooLarge,
     QuestCard,
     RelationshipCard,
     apply_game_event,
@@ -57,7 +74,7 @@ from memory.cards import (
 from memory.config import MemoryConfig
 from memory.events import GAME_EVENT_EFFECTS, GameEvent, OutboxEvent
 from memory.hot_cache import HotCache, PairKey, PairMemory
-from memory.nearline import Command, Nearline, merge_facts
+from memory.nearline import Command, Nearline, RestoredMemory, merge_facts, restamp, restore_request_cmd
 from memory.records import EmotionPoint, Fact, Summary, Turn, check_id, new_id
 from memory.retrieval import Embedder, MiniLMEmbedder, retrieve_facts
 from memory.services import redis_url
@@ -92,7 +109,9 @@ def connect(url: str | None = None, config: MemoryConfig | None = None) -> aiore
 @dataclass(frozen=True)
 class MemoryContext:
     """A snapshot of what an NPC remembers of a player. source: "hot" (served from the hot cache), "redis"
-    (loaded in one round trip) or "degraded" (Redis down: whatever the hot cache had, possibly nothing)."""
+    (loaded in one round trip) or "degraded" (Redis down: whatever the hot cache had, possibly nothing).
+    restore_pending: the pair had nothing in Redis and its archived history was asked for (cold restore);
+    this context may be missing what a later one will hold."""
 
     npc_id: str
     player_id: str
@@ -103,6 +122,7 @@ class MemoryContext:
     facts: tuple[Fact, ...]
     emotions: tuple[EmotionPoint, ...]  # newest first
     source: str
+    restore_pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,8 +153,10 @@ class MemoryStore:
         self._buffer: deque[_Write] = deque()
         self._down = False
         self._flusher: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()  # restore requests in flight (held: tasks are weak refs)
         self.counters = dict.fromkeys(("dropped_writes", "dropped_events", "flushed_writes", "write_errors",
-                                       "redis_errors", "degraded_prefetches", "redis_prefetches"), 0)
+                                       "redis_errors", "degraded_prefetches", "redis_prefetches",
+                                       "restores_requested", "restores_merged", "restores_abandoned"), 0)
 
     # --------------------------------------------------------------------------------------------- reads
 
@@ -150,7 +172,7 @@ class MemoryStore:
         for npc_id, player_id in pairs:
             _check_pair(npc_id, player_id)
         entries = {key: self.hot.get(key, now) for key in dict.fromkeys(pairs)}
-        contexts = {key: self._context(e, "hot") for key, e in entries.items() if e is not None and e.loaded}
+        contexts = {key: self._context(e, "hot") for key, e in entries.items() if self._hot_ready(e, now)}
         missing = [key for key in entries if key not in contexts]
         loaded = await self._load(missing, now) if missing and not self._down else {}
         for key in missing:
@@ -175,37 +197,118 @@ class MemoryStore:
         facts = retrieve_facts(context.facts, query, self.clock(), self.config, embedder=self.embedder)
         return render_memory(context, facts)
 
+    def _hot_ready(self, entry: PairMemory | None, now: float) -> bool:
+        """Whether a hot entry answers a prefetch without Redis: it must hold the pair's Redis state, and a
+        cold restore it asked for must be answered, given up on (restore_wait_s), or unreachable (Redis down:
+        the hot entry is then the best there is)."""
+        if entry is None or not entry.loaded:
+            return False
+        if entry.restore_requested is None or self._down:
+            return True
+        if now - entry.restore_requested <= self.config.restore_wait_s:
+            return False
+        # npc-restore is down or backed up: stop a round trip per start. Its blob, when it comes, is merged at
+        # this pair's next hot miss (the prefetch pipeline always GETs it).
+        entry.restore_requested = None
+        self.counters["restores_abandoned"] += 1
+        return True
+
     def _context(self, entry: PairMemory, source: str) -> MemoryContext:
         return MemoryContext(entry.npc_id, entry.player_id, entry.relationship, entry.quest,
                              tuple(entry.turns), tuple(entry.summaries), tuple(entry.facts),
-                             tuple(entry.emotions), source)
+                             tuple(entry.emotions), source, entry.restore_requested is not None)
 
     async def _load(self, keys: list[PairKey], now: float) -> dict[PairKey, PairMemory]:
-        """Loads pairs from Redis into the hot cache (merged with their partial entries); {} when down."""
+        """Loads pairs from Redis into the hot cache (merged with their partial entries and with a restore
+        blob found beside them); {} when down. Upkeep that must reach Redis (restored records, facts over
+        the cap) is one awaited MULTI; restore requests go out in the background."""
         try:
             loaded = await self.nearline.prefetch(self.client, keys, now)
         except REDIS_DOWN_ERRORS as e:
             self._mark_down(e)
             return {}
         self.counters["redis_prefetches"] += 1
-        out = {}
-        for entry in loaded:
+        out, upkeep, requests = {}, [], []
+        for entry, blob in loaded:
+            empty = entry.is_empty()
             # Read the hot entry after the await: a write may have created one while the reads were out.
-            out[entry.key] = await self._install(entry, self.hot.peek(entry.key, now), now)
+            upkeep += self._install(entry, self.hot.peek(entry.key, now), now)
+            if blob is not None:
+                upkeep += self._merge_restore(entry, blob, now)
+            elif empty and entry.restore_requested is None and self.config.cold_restore:
+                entry.restore_requested = now
+                requests.append(restore_request_cmd(self.config.key_prefix, *entry.key))
+            out[entry.key] = entry
+        if requests:
+            self.counters["restores_requested"] += len(requests)
+            self._spawn(self._write(requests, events=0))
+        if upkeep:
+            await self._write(upkeep, events=0)
         return out
 
-    async def _install(self, loaded: PairMemory, partial: PairMemory | None, now: float) -> PairMemory:
+    def _install(self, loaded: PairMemory, partial: PairMemory | None, now: float) -> list[Command]:
         """Puts a loaded entry in the hot cache, merged with a partial entry built while Redis was out of
-        reach (its writes are in Redis or still buffered, in order, so the union is what Redis will hold)."""
+        reach (its writes are in Redis or still buffered, in order, so the union is what Redis will hold).
+        Returns the commands that bring Redis in line (facts over the cap)."""
         if partial is not None:
             _merge_partial(loaded, partial, self.config.turn_window_max)
         # Facts written by degraded session ends may exceed the cap: apply retention now and delete extras.
         kept, _, evicted = merge_facts(loaded.facts, [], self.config.max_facts, self.nearline.cutoff(now))
         loaded.facts = kept
         self.hot.put(loaded, now)
-        if evicted:
-            await self._write(self.nearline.facts_cmds(*loaded.key, [], evicted, now), events=0)
-        return loaded
+        return self.nearline.facts_cmds(*loaded.key, [], evicted, now) if evicted else []
+
+    def _merge_restore(self, entry: PairMemory, blob: bytes, now: float) -> list[Command]:
+        """Merges a restore blob into the entry (see the module doc for the re-scoring); returns the Redis
+        commands that write the restored records and delete the blob."""
+        entry.restore_requested = None
+        restored = self.nearline.parse_restore(blob, *entry.key) or RestoredMemory()
+        self.counters["restores_merged"] += 1
+        # A record archived after the request (a session that ended meanwhile) is held already: skip it.
+        summaries = restamp(_not_held(restored.summaries, entry.summaries, "summary_id"),
+                            self._restore_below(entry.summaries, now))
+        emotions = restamp(_not_held(restored.emotions, entry.emotions, "point_id"),
+                           self._restore_below(entry.emotions, now))
+        cmds = self.nearline.restored_cmds(*entry.key, summaries, emotions, now)
+        entry.summaries = _newest_first([*entry.summaries, *summaries])[:self.config.prefetch_summaries]
+        entry.emotions = _newest_first([*entry.emotions, *emotions])[:self.config.prefetch_emotion_points]
+        return cmds + self._restore_facts(entry, restored.facts, now) + self._restore_cards(entry, restored)
+
+    def _restore_below(self, held: Sequence, now: float) -> float:
+        """Window time below which restored records go: the oldest held record's (or now), kept at least 1 s
+        inside the window (room for a thousand RESTORE_SPACING_S steps; a blob holds a few dozen records)."""
+        below = min([now, *(r.window_ts for r in held)])
+        return max(below, self.nearline.cutoff(now) + 1.0)
+
+    def _restore_facts(self, entry: PairMemory, facts: Sequence[Fact], now: float) -> list[Command]:
+        # Held facts come last, so a held fact wins over a restored one of the same text.
+        restored = restamp(facts, self._restore_below(entry.facts, now))
+        kept, _, evicted = merge_facts([*restored, *entry.facts], [], self.config.max_facts,
+                                       self.nearline.cutoff(now))
+        restored_ids = {f.fact_id for f in restored}
+        added = [f for f in kept if f.fact_id in restored_ids]
+        dropped = [f for f in evicted if f.fact_id not in restored_ids]  # held facts the restored outrank
+        entry.facts = kept
+        return self.nearline.facts_cmds(*entry.key, added, dropped, now) if added or dropped else []
+
+    def _restore_cards(self, entry: PairMemory, restored: RestoredMemory) -> list[Command]:
+        cmds: list[Command] = []
+        if entry.relationship is None and restored.relationship is not None:
+            entry.relationship = restored.relationship
+            cmds += self._restored_card_cmds(restored.relationship)
+        if entry.quest is None and restored.quest is not None:
+            entry.quest = restored.quest
+            cmds += self._restored_card_cmds(restored.quest)
+        return cmds
+
+    def _restored_card_cmds(self, card: Card) -> list[Command]:
+        # A card over today's limit (a lowered max_card_bytes) stays in the hot entry only.
+        try:
+            data = serialize_card(card, self.config.max_card_bytes)
+        except CardTooLarge as e:
+            log.warning("restored card not written back to Redis: %s", e)
+            return []
+        return self.nearline.card_cmds(card, data, only_new=True)
 
     def _degraded_entry(self, key: PairKey, now: float) -> PairMemory:
         entry = self.hot.peek(key, now)
@@ -267,7 +370,8 @@ class MemoryStore:
         else:
             entry.quest = card
         event = self.nearline.outbox_cmd(self._card_event(card, now))
-        await self._write([*self.nearline.card_cmds(card, data), event], events=1)
+        touch = self.nearline.touch_cmds(card.npc_id, card.player_id)
+        await self._write([*self.nearline.card_cmds(card, data), *touch, event], events=1)
 
     async def apply_event(self, npc_id: str, player_id: str, event: GameEvent | Mapping) -> EventOutcome:
         """Applies a game event: card transitions, a salient fact, an emotion point; all written in one
@@ -286,6 +390,7 @@ class MemoryStore:
         point = EmotionPoint(valence, arousal, now, source=event.type)
         cmds = [c for card, data in zip(changed, blobs) for c in self.nearline.card_cmds(card, data)]
         cmds += self._learn(entry, [fact], now)[0] + self._emotion_cmds(entry, point, now)
+        cmds += self.nearline.touch_cmds(npc_id, player_id)
         payload = {"event": event.to_dict(), "fact_id": fact.fact_id}
         events = [OutboxEvent("event", npc_id, player_id, now, payload),
                   *[self._card_event(card, now) for card in changed],
@@ -423,8 +528,27 @@ class MemoryStore:
         self._down = False  # no await since the buffer was seen empty: nothing slipped in between
         return True
 
+    def _spawn(self, write) -> None:
+        """Runs a write coroutine off the caller's path (it buffers through an outage like any write)."""
+        task = asyncio.get_running_loop().create_task(write)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.counters["write_errors"] += 1
+            log.error("a background write failed: %r", task.exception())
+
+    async def drain(self) -> None:
+        """Waits for the background writes started so far (restore requests) to reach Redis or the buffer."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
     async def aclose(self, flush_timeout_s: float = 2.0) -> None:
         """Stops the flusher after one last flush attempt (bounded); the client stays the caller's."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.drain(), flush_timeout_s)
         if self._buffer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.flush(), flush_timeout_s)
@@ -457,16 +581,25 @@ def _union(first: Sequence, second: Sequence, key: Callable) -> list:
     return list({key(x): x for x in itertools.chain(first, second)}.values())
 
 
+def _newest_first(records: Sequence) -> list:
+    """Newest first by window time: the order of the Redis scores."""
+    return sorted(records, key=lambda r: (r.window_ts, r.ts), reverse=True)
+
+
+def _not_held(records: Sequence, held: Sequence, id_field: str) -> list:
+    ids = {getattr(r, id_field) for r in held}
+    return [r for r in records if getattr(r, id_field) not in ids]
+
+
 def _merge_partial(loaded: PairMemory, partial: PairMemory, window: int) -> None:
     turns = _union(loaded.turns, partial.turns, lambda t: t.turn_id)
     loaded.turns = sorted(turns, key=lambda t: (t.ts, t.seq))[-window:]
     loaded.session_id = partial.session_id or loaded.session_id
-    loaded.summaries = sorted(_union(loaded.summaries, partial.summaries, lambda s: s.summary_id),
-                              key=lambda s: s.ts, reverse=True)
+    loaded.summaries = _newest_first(_union(loaded.summaries, partial.summaries, lambda s: s.summary_id))
     loaded.facts = _union(loaded.facts, partial.facts, lambda f: f.fact_id)
-    loaded.emotions = sorted(_union(loaded.emotions, partial.emotions, lambda p: p.point_id),
-                             key=lambda p: p.ts, reverse=True)
+    loaded.emotions = _newest_first(_union(loaded.emotions, partial.emotions, lambda p: p.point_id))
     loaded.candidates = partial.candidates
+    loaded.restore_requested = partial.restore_requested
     loaded.relationship = partial.relationship or loaded.relationship
     loaded.quest = partial.quest or loaded.quest
 

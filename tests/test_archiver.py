@@ -1,7 +1,7 @@
 """The archive half of memory (issue 6): schema, npc-archiver, compaction, cold restore; real servers only.
 
 Every test uses its own Redis key prefix (`npc-test:<uuid>:`) and PostgreSQL schema (`npc_test_<hex>`) on the
-shared servers and removes them afterwards. The PostgreSQL outage test starts and stops a PostgreSQL of its
+shared servers and removes them afterwards. The outage tests start and stop a PostgreSQL or a Redis of their
 own; the shared servers are never stopped.
 """
 
@@ -28,8 +28,11 @@ from hypothesis import strategies as st
 
 from memory import archive_schema, compaction, restore, services
 from memory.archiver import Archiver, ArchiverConfig, BadEvent, decode_entry
-from memory.events import OutboxEvent, outbox_stream
+from memory.config import MemoryConfig
+from memory.events import GameEvent, OutboxEvent, outbox_stream
 from memory.records import EmotionPoint, Fact, Summary, Turn
+from memory.store import MemoryStore, connect
+from memory.testing import DIALOGUE, FakeClock
 
 DAY = 86_400.0
 NOW = datetime(2024, 6, 5, 12, tzinfo=UTC).timestamp()  # a Wednesday: the tests' injectable "now"
@@ -318,6 +321,29 @@ def own_postgres():
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+async def _conversation(prefix: str) -> tuple[list[str], dict, str]:
+    """The hot path: a whole conversation through MemoryStore (prefetch, turns, a game event, session end, the
+    next prompt). Returns the outbox's event ids, the store's counters and the prompt's memory text."""
+    clock = FakeClock(NOW)
+    config = MemoryConfig(key_prefix=prefix)
+    client = connect(config=config)
+    store = MemoryStore(client, config, clock=clock)
+    try:
+        await store.prefetch("vamp-1", "p1")
+        for speaker, text in DIALOGUE:
+            clock.advance(10)
+            await store.record_turn("vamp-1", "p1", speaker, text)
+        await store.apply_event("vamp-1", "p1", GameEvent("gift", "a silver ring"))
+        ended = await store.end_session("vamp-1", "p1")
+        text = await store.prompt_memory("vamp-1", "p1", "the dagger")
+        assert ended.summary_text in text
+        entries = await client.xrange(outbox_stream(prefix))  # acknowledged entries are deleted: none yet
+        return [e[1][b"event_id"].decode() for e in entries], store.stats(), text
+    finally:
+        await store.aclose()
+        await client.aclose()
+
+
 def test_postgres_down_outbox_grows_hot_path_unaffected(names, own_postgres):
     prefix, schema = names
     run_dir, port, records = own_postgres
@@ -330,27 +356,73 @@ def test_postgres_down_outbox_grows_hot_path_unaffected(names, own_postgres):
         _wait_for(lambda: len(_archived(schema, url)) == 300, 30, "the first events archived")
 
         services.stop_postgres(records[0])
-        second = _turn_events(300, NOW + 60)
-        client = redis.Redis.from_url(services.redis_url())
-        slowest = 0.0
-        for event in second:  # the hot path's outbox append, one XADD per event
-            start = time.perf_counter()
-            client.xadd(outbox_stream(prefix), event.to_fields())
-            slowest = max(slowest, time.perf_counter() - start)
-        client.close()
-        assert slowest < 1.0  # never waits for PostgreSQL (a connect attempt alone may take seconds)
+        second, stats, _ = asyncio.run(_conversation(prefix))
+        # The hot path never noticed: every write went straight to Redis, nothing failed, waited or queued.
+        assert len(second) > len(DIALOGUE) and not stats["redis_down"]
+        assert (stats["redis_errors"], stats["buffered_writes"], stats["write_errors"]) == (0, 0, 0)
         time.sleep(1.0)  # the archiver keeps failing and backing off meanwhile
         assert proc.poll() is None
-        assert _outbox_state(prefix)[0] >= 300  # the outbox holds the unarchived events
+        assert _outbox_state(prefix)[0] == len(second)  # the outbox holds the unarchived events
 
         records.append(services.start_postgres(run_dir, port))  # the same data dir: the archive is back
-        _wait_for(lambda: len(_archived(schema, url)) == 600, 30, "the backlog archived", every=0.2)
+        total = 300 + len(second)
+        _wait_for(lambda: len(_archived(schema, url)) == total, 30, "the backlog archived", every=0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
     stats, err = _finish(proc)
     assert stats["pg_retries"] > 0 and "retrying in" in err
-    assert set(_archived(schema, url)) == {e.event_id for e in first + second}
+    assert sorted(_archived(schema, url)) == sorted([e.event_id for e in first] + second)
     assert _outbox_state(prefix) == (0, 0)
+
+
+@pytest.fixture
+def own_redis():
+    run_dir = tempfile.mkdtemp(prefix="npc-archive-redis-", dir="/tmp")
+    os.chmod(run_dir, 0o755)
+    records = [services.start_redis(run_dir)]
+    try:
+        yield run_dir, records
+    finally:
+        services.stop_redis(records[-1])
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _xadd_to(url: str, prefix: str, events: list[OutboxEvent]) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        for event in events:
+            client.xadd(outbox_stream(prefix), event.to_fields())
+    finally:
+        client.close()
+
+
+def test_redis_outage_the_archiver_waits_and_resumes(names, own_redis):
+    # An embedded Redis without persistence: after its restart the outbox and the consumer group are gone, so
+    # the archiver must also recreate its group (NOGROUP) before it can read again.
+    prefix, schema = names
+    run_dir, records = own_redis
+    url, port = records[0]["url"], records[0]["port"]
+    command = [sys.executable, "-m", "memory.archiver", "--run", "--prefix", prefix, "--schema", schema,
+               "--redis-url", url, "--database-url", services.database_url(), "--backoff-max-s", "0.3",
+               "--batch-wait-ms", "20"]
+    proc = subprocess.Popen(command, cwd=services.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        before = _turn_events(200, NOW)
+        _xadd_to(url, prefix, before)
+        _wait_for(lambda: len(_archived(schema)) == 200, 30, "the first events archived")
+        services.stop_redis(records[0])
+        time.sleep(1.0)  # the archiver's reads fail and back off meanwhile
+        assert proc.poll() is None
+        records.append(services.start_redis(run_dir, port))
+        after = _turn_events(200, NOW + 60)
+        _xadd_to(url, prefix, after)
+        _wait_for(lambda: len(_archived(schema)) == 400, 30, "the events written after the outage")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    stats, err = _finish(proc)
+    assert stats["redis_retries"] > 0 and "Redis failed" in err
+    assert sorted(_archived(schema)) == sorted(e.event_id for e in before + after)
 
 
 # -------------------------------------------------------------------------------------------- compaction

@@ -5,11 +5,13 @@ The model loads once per module (a few seconds on a CPU).
 
 import asyncio
 import uuid
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from memory.config import MemoryConfig
+from memory.events import GameEvent
 from memory.nearline import delete_keys
 from memory.records import Fact
 from memory.retrieval import MiniLMEmbedder, embedding_relevance, keyword_relevance, retrieve_facts
@@ -53,20 +55,36 @@ def test_embedding_relevance_finds_meaning_without_shared_words(embedder):
     assert retrieve_facts(FACTS, QUERY, T0, config, embedder=embedder) == [FACTS[1]]
 
 
-def test_store_retrieves_with_the_embedder(embedder):
+def test_store_with_embeddings_enabled_retrieves_by_meaning():
+    # The config switch alone: the store builds its own MiniLM embedder; the facts come from real writes and
+    # are read back from Redis. Recency and importance are weighted out so that only relevance decides: by
+    # keywords (no word in common with the query) the newest fact would win the tie, by meaning the healer.
+    events = [GameEvent("help", "cured my sick brother"), GameEvent("gift", "a bag of forty gold coins"),
+              GameEvent("promise", "to name a horse Ash")]
+
     async def body():
         prefix = f"npc-test:{uuid.uuid4().hex}:"
-        config = MemoryConfig(key_prefix=prefix, prompt_facts=1, embeddings=True)
+        config = MemoryConfig(key_prefix=prefix, prompt_facts=1, embeddings=True, weight_recency=0.0,
+                              weight_importance=0.0)
         client = connect(config=config)
-        store = MemoryStore(client, config, clock=FakeClock(), embedder=embedder)
+        clock = FakeClock()
+        store = MemoryStore(client, config, clock=clock)
+        by_keywords = MemoryStore(client, replace(config, embeddings=False), clock=clock)
         try:
-            await store.prefetch("vlad", "p1")
-            store.hot.get(("vlad", "p1"), T0).facts = list(FACTS)
-            return await store.prompt_memory("vlad", "p1", QUERY)
+            for event in events:
+                clock.advance(60)
+                await store.apply_event("vlad", "p1", event)
+            store.hot.clear()
+            keywords = await by_keywords.prompt_memory("vlad", "p1", QUERY)
+            meaning = await store.prompt_memory("vlad", "p1", QUERY)
+            return isinstance(store.embedder, MiniLMEmbedder), keywords, meaning
         finally:
             await store.aclose()
+            await by_keywords.aclose()
             await delete_keys(client, prefix)
             await client.aclose()
 
-    text = asyncio.run(body())
-    assert "[What I remember about the player]\n- The player is a healer who cures the sick." in text
+    built, keywords, meaning = asyncio.run(body())
+    assert built
+    assert "[What I remember about the player]\n- The player promised: to name a horse Ash." in keywords
+    assert "[What I remember about the player]\n- The player helped me: cured my sick brother." in meaning

@@ -164,7 +164,8 @@ def test_record_turn_is_one_multi_with_its_outbox_event(prefix, monkeypatch):
     clock = FakeClock()
 
     async def body(store, client):
-        await store.prefetch("vlad", "p1")
+        await store.prefetch("vlad", "p1")  # an empty pair: its restore request goes out in the background
+        await store.drain()
         with round_trips(monkeypatch) as sent:
             turn = await store.record_turn("vlad", "p1", "player", "Good evening.", valence=0.2, arousal=0.1)
         assert len(sent) == 1
@@ -175,6 +176,26 @@ def test_record_turn_is_one_multi_with_its_outbox_event(prefix, monkeypatch):
         assert (event.npc_id, event.player_id) == ("vlad", "p1") and event.payload == turn.to_dict()
         members = await client.zrange(f"{prefix}turns:vlad:p1", 0, -1, withscores=True)
         assert members == [(turn.to_json().encode(), T0)]
+
+    run(prefix, body, clock=clock)
+
+
+def test_every_write_is_one_round_trip(prefix, monkeypatch):
+    # Writes are pipelined: each call's Redis commands and outbox XADDs travel as one MULTI.
+    clock = FakeClock()
+
+    async def body(store, client):
+        await seed(store, clock)
+        await store.prefetch("vlad", "p1")  # the conversation start: the pair is hot and loaded
+        writes = [lambda: store.record_turn("vlad", "p1", "player", "I found the captain."),
+                  lambda: store.put_card(RelationshipCard("vlad", "p1", trust=30)),
+                  lambda: store.apply_event("vlad", "p1", GameEvent("gift", "the silver dagger")),
+                  lambda: store.end_session("vlad", "p1")]
+        for write in writes:
+            with round_trips(monkeypatch) as sent:
+                await write()
+            assert len(sent) == 1
+            assert b"".join(bytes(part) for part in _flatten(sent[0])).upper().count(b"MULTI") == 1
 
     run(prefix, body, clock=clock)
 
@@ -450,36 +471,44 @@ def test_30_day_window_is_trimmed_on_the_injectable_clock(prefix):
 
 
 def test_idle_keys_expire_on_redis_ttl(prefix):
-    # Redis TTLs run on its wall clock: a short real TTL stands in for the 31 days.
+    # Redis TTLs run on its wall clock: a short real TTL (0.5 s) stands in for the 31 days.
+    rel, turns = f"{prefix}rel:vlad:p1", f"{prefix}turns:vlad:p1"
+
     async def body(store, client):
-        await store.record_turn("vlad", "p1", "player", "Hello.")
         await store.put_card(RelationshipCard("vlad", "p1"))
-        for key in ("turns", "rel"):
-            assert 0 < await client.pttl(f"{prefix}{key}:vlad:p1") <= 300
-        await asyncio.sleep(0.15)
-        await store.record_turn("vlad", "p1", "npc", "Welcome.")  # a write re-arms its key
-        await asyncio.sleep(0.2)
-        assert await client.exists(f"{prefix}turns:vlad:p1") == 1
-        assert await client.exists(f"{prefix}rel:vlad:p1") == 0
-        await asyncio.sleep(0.2)
-        assert await client.exists(f"{prefix}turns:vlad:p1") == 0
+        await store.record_turn("vlad", "p1", "player", "Hello.")
+        for key in (rel, turns):
+            assert 0 < await client.pttl(key) <= 500
+        await asyncio.sleep(0.3)
+        await store.record_turn("vlad", "p1", "npc", "Welcome.")  # the pair is in use: all its keys re-armed
+        await asyncio.sleep(0.25)  # the card was written 0.55 s ago, but the pair was used 0.25 s ago
+        assert await client.exists(rel, turns) == 2
+        await asyncio.sleep(0.4)  # idle for 0.65 s
+        assert await client.exists(rel, turns) == 0
 
     started = time.monotonic()
-    run(prefix, body, idle_key_ttl_s=0.3)
+    run(prefix, body, idle_key_ttl_s=0.5)
     assert time.monotonic() - started < 5
 
 
-def test_session_end_re_arms_every_key_of_the_pair(prefix):
+@pytest.mark.parametrize("write", ["record_turn", "put_card", "apply_event", "end_session"])
+def test_every_write_re_arms_every_key_of_the_pair(prefix, write):
     clock = FakeClock()
+    writes = {"record_turn": lambda store: store.record_turn("vlad", "p1", "player", "I am back."),
+              "put_card": lambda store: store.put_card(RelationshipCard("vlad", "p1", trust=5)),
+              "apply_event": lambda store: store.apply_event("vlad", "p1", GameEvent("gift", "a ring")),
+              "end_session": lambda store: store.end_session("vlad", "p1")}
 
     async def body(store, client):
-        await store.put_card(RelationshipCard("vlad", "p1"))
-        await talk(store, clock, lines=DIALOGUE[:2])
-        await client.persist(f"{prefix}rel:vlad:p1")
-        await store.end_session("vlad", "p1")
-        for kind in ("rel", "sum", "facts", "emo"):
-            ttl = await client.pttl(f"{prefix}{kind}:vlad:p1")
-            assert 30 * DAY_S * 1000 < ttl <= 31 * DAY_S * 1000, kind
+        await seed(store, clock)  # all six keys exist
+        keys = [f"{prefix}{kind}:vlad:p1" for kind in ("rel", "quest", "turns", "sum", "facts", "emo")]
+        for key in keys:
+            assert await client.persist(key)
+        await writes[write](store)
+        for key in keys:
+            if await client.exists(key):  # a session end empties the turn window (the key goes)
+                ttl = await client.pttl(key)
+                assert 30 * DAY_S * 1000 < ttl <= 31 * DAY_S * 1000, key
 
     run(prefix, body, clock=clock)
 

@@ -9,7 +9,7 @@ import pytest
 from memory.config import MemoryConfig
 from memory.events import OUTBOX_FIELDS, OUTBOX_STREAM_SUFFIX, OutboxEvent, outbox_stream
 from memory.hot_cache import HotCache, PairMemory
-from memory.nearline import merge_facts
+from memory.nearline import RESTORE_SPACING_S, merge_facts, restamp
 from memory.records import EmotionPoint, Fact, Summary, Turn, new_id
 from memory.retrieval import content_words, keyword_relevance, retrieve_facts, score_facts
 from memory.session import (
@@ -160,6 +160,21 @@ def test_merge_facts_same_text_replaces_and_keeps_higher_importance():
     assert added == kept and evicted == held
 
 
+def test_merge_facts_counts_a_restored_fact_by_its_window_time():
+    restored = fact("The player saved my sister.", 9, T0 - 60 * DAY_S, restored_at=T0 - 1)
+    kept, _, evicted = merge_facts([restored], [], 10, cutoff=T0 - 30 * DAY_S)
+    assert kept == [restored] and evicted == []  # learned 60 days ago, back in the window since T0 - 1
+
+
+def test_restamp_keeps_the_order_just_below_a_time():
+    records = [fact(f"fact {i}", 5, T0 - i * DAY_S) for i in range(3)]  # newest first
+    stamped = restamp(records, below=T0)
+    assert [f.text for f in stamped] == ["fact 2", "fact 1", "fact 0"]  # oldest first
+    assert [f.window_ts for f in stamped] == [T0 - 3 * RESTORE_SPACING_S, T0 - 2 * RESTORE_SPACING_S,
+                                              T0 - RESTORE_SPACING_S]
+    assert [f.ts for f in stamped] == [T0 - 2 * DAY_S, T0 - DAY_S, T0]  # what happened when, unchanged
+
+
 # ---------------------------------------------------------------------------------------- retrieval
 
 
@@ -278,3 +293,14 @@ def test_records_validate():
         Summary.from_dict({"text": "x", "ts": T0, "session_id": SESSION, "turns": 1, "extra": 1})
     turn = Turn("npc", "héllo", T0, SESSION, seq=3, valence=0.5, arousal=0.1)
     assert Turn.from_json(turn.to_json()) == turn
+
+
+def test_restored_at_is_in_the_json_of_restored_records_only():
+    plain, restored = Fact("x", 5, T0), Fact("x", 5, T0, restored_at=T0 + 9)
+    assert "restored_at" not in plain.to_dict() and plain.window_ts == T0
+    assert restored.to_dict()["restored_at"] == T0 + 9 and restored.window_ts == T0 + 9
+    for record in (restored, Summary("s", T0, SESSION, 2, restored_at=T0 + 1),
+                   EmotionPoint(0.1, 0.2, T0, restored_at=T0 + 1)):
+        assert type(record).from_json(record.to_json()) == record
+    with pytest.raises(ValueError, match="restored_at"):
+        Fact("x", 5, T0, restored_at=-1.0)
