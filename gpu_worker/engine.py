@@ -19,6 +19,7 @@ from gpu_worker.block_manager import BlockManager
 from gpu_worker.chains import ChainCompletion, ChainRequest, ChainRunner, validate_chain
 from gpu_worker.config import EngineConfig
 from gpu_worker.grammar import GrammarRuntime
+from gpu_worker.kernels import cpu_ops
 from gpu_worker.lora.layer import attach_lora
 from gpu_worker.lora.pool import AdapterNotReady, AdapterPool
 from gpu_worker.model.loader import load_model
@@ -33,6 +34,8 @@ class Engine:
     def __init__(self, config: EngineConfig, detokenize: Callable[[list[int]], str] | None = None):
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            cpu_ops.cpu_ops_available()  # builds (once per machine) or loads the native ops before any step
         self.model, self.hf_config = load_model(config.model, config.torch_dtype, self.device)
         if config.quantization == "nf4":
             for layer in self.model.linear_layers().values():

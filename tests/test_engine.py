@@ -252,3 +252,14 @@ def test_bad_engine_config_names_the_field():
         EngineConfig(model="x", quantization="gptq")
     with pytest.raises(ValueError, match="block_size"):
         EngineConfig(model="x", block_size=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_torch_paths_without_native_ops_match_transformers(family, references, qwen2_dir, llama_dir,
+                                                           monkeypatch):
+    """The torch paths (what CUDA and machines without a compiler run) for attention, RoPE, add + norm."""
+    monkeypatch.setenv("NPC_DISABLE_CPU_OPS", "1")
+    prompts, refs = references
+    model_dir = {"qwen2": qwen2_dir, "llama": llama_dir}[family]
+    engine = Engine(EngineConfig(model=str(model_dir), max_num_batched_tokens=16))
+    assert_matches(engine.generate([Request(prompt=p, params=GREEDY) for p in prompts]), refs[family])

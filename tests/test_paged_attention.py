@@ -140,10 +140,13 @@ def test_output_survives_later_calls():
     torch.testing.assert_close(out, pa.paged_decode_attention_ref(*first), atol=1e-5, rtol=1e-5)
 
 
-def test_dispatcher_uses_torch_on_cpu():
+def test_dispatcher_uses_the_native_cpu_kernel_on_cpu():
+    from gpu_worker.kernels import cpu_ops
+
     case = make_case(5, (8, 2), 64, 16, torch.float32)
-    expected = pa.paged_decode_attention_torch(*case)
+    expected = cpu_ops.cpu_paged_decode_attention(*case)
     torch.testing.assert_close(pa.paged_decode_attention(*case), expected, atol=0, rtol=0)
+    torch.testing.assert_close(expected, pa.paged_decode_attention_ref(*case), atol=1e-5, rtol=1e-5)
 
 
 @needs_triton

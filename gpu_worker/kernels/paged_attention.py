@@ -26,6 +26,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from gpu_worker.kernels import cpu_ops
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 TRITON_HEAD_DIMS = (32, 64, 128)
@@ -34,11 +36,14 @@ _LOG2_E = 1.4426950408889634
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len=None):
-    """Triton on CUDA tensors when triton is installed and the shape is supported; torch otherwise.
+    """The native CPU kernel on CPU tensors (it falls back to torch when it cannot build or run), Triton on
+    CUDA tensors when triton is installed and the shape is supported; torch otherwise.
 
-    Same semantics and shapes as `paged_decode_attention_torch`; only that path reads `max_context_len`.
+    Same semantics and shapes as `paged_decode_attention_torch`.
     """
     args = (q, k_cache, v_cache, block_tables, context_lens, scale)
+    if q.device.type == "cpu":
+        return cpu_ops.cpu_paged_decode_attention(*args, max_context_len=max_context_len)
     if HAS_TRITON and q.is_cuda and _triton_supports(k_cache):
         return paged_decode_attention_triton(*args)
     return paged_decode_attention_torch(*args, max_context_len=max_context_len)

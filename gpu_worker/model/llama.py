@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_worker.attention import AttentionMetadata, paged_attention
+from gpu_worker.kernels.cpu_ops import add_rms_norm_
 from gpu_worker.model.layers import Linear, RMSNorm
 from gpu_worker.model.rope import RopeSpec, RotaryEmbedding
 
@@ -77,10 +78,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.mlp = MLP(args, dtype)
 
-    def forward(self, x, cos_sin, kv_cache, meta):
-        # x is the step's own residual stream (never a weight or a cache), so it is updated in place.
-        x.add_(self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta))
-        return x.add_(self.mlp(self.post_attention_layernorm(x)))
+    def forward(self, x, residual, cos_sin, kv_cache, meta):
+        """x: the previous layer's MLP output (or the embeddings when residual is None); residual: the
+        stream before that output was added. Returns (this layer's MLP output, the stream before it)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:  # residual += x; x = norm(residual), in one pass
+            add_rms_norm_(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
+        x = self.self_attn(x, cos_sin, kv_cache, meta)
+        add_rms_norm_(x, residual, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
+        return self.mlp(x), residual
 
 
 class CausalLM(nn.Module):
@@ -98,11 +105,11 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [T]; kv_caches[i]: (k, v) each [num_blocks, block_size, Hkv, D]
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         cos_sin = self.rotary.lookup(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, kv_cache, meta)
-        return x
+            x, residual = layer(x, residual, cos_sin, kv_cache, meta)
+        return residual.add_(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] (only the rows that sample) -> [N, V] float32

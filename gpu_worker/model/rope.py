@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_worker.kernels import cpu_ops
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -103,22 +105,31 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", (emb.cos() * scale).to(dtype), persistent=False)
         self.register_buffer("sin", (emb.sin() * scale).to(dtype), persistent=False)
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, D/2] of a step's positions [T]; looked up once per step, shared by all layers.
+    def lookup(self, positions: torch.Tensor):
+        """What apply_ needs for a step's positions [T]; looked up once per step, shared by all layers.
 
-        Both halves of a row of the tables are equal (emb = cat(freqs, freqs)), so half is enough.
+        On the CPU with the native ops: the positions themselves (the kernel indexes the tables). Else:
+        cos, sin [T, 1, D/2] (both halves of a table row are equal: emb = cat(freqs, freqs)).
         """
+        if positions.device.type == "cpu" and cpu_ops.cpu_ops_available():
+            return positions
+        return self.tables(positions)
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D/2] of the positions: what the torch path of apply_ takes."""
         half = self.cos.shape[-1] // 2
         return self.cos[positions, :half].unsqueeze(1), self.sin[positions, :half].unsqueeze(1)
 
-    @staticmethod
-    def apply_(cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> None:
+    def apply_(self, looked_up, x: torch.Tensor) -> None:
         """Rotates x [T, heads, D] in place (rotate-half layout): (x1, x2) -> (x1 c - x2 s, x2 c + x1 s).
 
         x may be a strided view (q and k heads of a fused qkv output); in place avoids new [T, H, D]
         temporaries, which cost page faults on the CPU.
         """
-        cos, sin = cos_sin
+        if isinstance(looked_up, torch.Tensor):
+            cpu_ops.rotary_embedding_(looked_up, x, None, self.cos, self.sin)
+            return
+        cos, sin = looked_up
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
         x1_sin = x1 * sin
