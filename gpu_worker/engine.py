@@ -208,7 +208,9 @@ class Engine:
                 batch.token_bitmask, batch.bitmask_rows = constraint
         token_ids, logprobs = self.sampler(logits, batch)
         deltas = []
-        for seq, token, logprob in zip(seqs, token_ids.tolist(), logprobs.tolist()):
+        logprob_list = logprobs.tolist() if logprobs is not None else [None] * len(seqs)
+        for seq, token, logprob in zip(seqs, token_ids.tolist(), logprob_list):
+            logprob = logprob if seq.params.logprobs else None  # computed for the batch, reported on request
             seq.token_ids.append(token)
             seq.logprobs.append(logprob)
             reason = self._stop_reason(seq, token)

@@ -76,6 +76,7 @@ class SamplingBatch:
     generators: list[torch.Generator | None]  # per row; None rows draw from the default generator
     seeded_rows: tuple[int, ...]  # sampled (non-greedy) rows that own a generator
     all_greedy: bool
+    want_logprobs: bool  # some row asked for logprobs; otherwise the [B, V] logsumexp is skipped
     do_top_k: bool
     do_top_p: bool
     do_min_p: bool
@@ -121,6 +122,7 @@ class SamplingBatch:
             generators=list(generators),
             seeded_rows=tuple(b for b, p in enumerate(params) if generators[b] is not None and not p.greedy),
             all_greedy=all(p.greedy for p in params),
+            want_logprobs=any(p.logprobs for p in params),
             do_top_k=any(k < vocab_size for k in top_ks),
             do_top_p=any(p.top_p < 1 for p in params),
             do_min_p=any(p.min_p > 0 for p in params),
@@ -147,19 +149,21 @@ class SamplingBatch:
 class Sampler:
     """Picks one token per row from logits [B, V].
 
-    ``__call__`` returns ``(token_ids [B] int64, logprobs [B] float32)``. ``logprobs[b]`` is the natural
-    log-probability of the chosen token under the RAW model distribution, ``log_softmax(logits[b])``, before
+    ``__call__`` returns ``(token_ids [B] int64, logprobs [B] float32)``, logprobs None when no row asked
+    for them. ``logprobs[b]`` is the natural log-probability of the chosen token under the RAW model distribution, ``log_softmax(logits[b])``, before
     penalties, temperature, truncation and grammar masks: what transformers reports for greedy decoding,
     and a value that does not depend on the sampling settings.
     """
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = logits.float()
-        # log p(chosen) = logit - logsumexp: one reduction instead of a full [B, V] log_softmax.
-        log_norm = torch.logsumexp(logits, dim=-1)
+        # log p(chosen) = logit - logsumexp: one reduction instead of a full [B, V] log_softmax; skipped
+        # (logprobs None) when no row asked for logprobs.
+        log_norm = torch.logsumexp(logits, dim=-1) if batch.want_logprobs else None
         if batch.all_greedy and not batch.do_penalties and not batch.constrained:
             best, token_ids = logits.max(dim=-1)  # max(dim) is ~3x faster than argmax on the CPU
-            return token_ids, best - log_norm
+            return token_ids, None if log_norm is None else best - log_norm
         raw = logits
         if batch.constrained:
             logits = apply_token_bitmask(logits, batch.token_bitmask, batch.bitmask_rows)
@@ -170,6 +174,8 @@ class Sampler:
         else:
             sampled_ids = self._sample(logits, batch)
             token_ids = torch.where(batch.greedy_rows, greedy_ids, sampled_ids)
+        if log_norm is None:
+            return token_ids, None
         return token_ids, raw.gather(1, token_ids[:, None]).squeeze(1) - log_norm
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -109,7 +109,7 @@ def test_good_values_and_list_conversion():
 # Logprobs are computed as logit - logsumexp: equal to log_softmax up to float rounding (atol 1e-6).
 def test_greedy_is_argmax_with_raw_logprobs():
     logits = random_logits(8)
-    tokens, logprobs = sample(logits, [SamplingParams(temperature=0)] * 8)
+    tokens, logprobs = sample(logits, [SamplingParams(temperature=0, logprobs=True)] * 8)
     assert tokens.dtype == torch.int64 and logprobs.dtype == torch.float32
     assert torch.equal(tokens, logits.argmax(dim=-1))
     expected = torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
@@ -126,10 +126,10 @@ def test_top_k_1_equals_greedy():
 def test_logprobs_are_from_raw_logits_whatever_the_settings():
     logits = random_logits(4)
     params = [
-        SamplingParams(temperature=0.5, top_k=5, seed=1),
-        SamplingParams(temperature=2.0, top_p=0.5, repetition_penalty=1.5, seed=2),
-        SamplingParams(temperature=0, frequency_penalty=1.0, presence_penalty=0.5),
-        SamplingParams(temperature=1.0, min_p=0.2),
+        SamplingParams(temperature=0.5, top_k=5, seed=1, logprobs=True),
+        SamplingParams(temperature=2.0, top_p=0.5, repetition_penalty=1.5, seed=2, logprobs=True),
+        SamplingParams(temperature=0, frequency_penalty=1.0, presence_penalty=0.5, logprobs=True),
+        SamplingParams(temperature=1.0, min_p=0.2, logprobs=True),
     ]
     raw = logits.clone()
     tokens, logprobs = sample(logits, params, prompts=[[1, 2]] * 4, outputs=[[3, 3], [], [4], [5]])
@@ -221,7 +221,7 @@ def penalized(logits, params, prompts, outputs):
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative():
     logits = torch.tensor([[2.0, 1.5, -1.0, -3.0], [-1.0, -1.5, -4.0, -5.0]])
-    params = [SamplingParams(temperature=0, repetition_penalty=2.0)] * 2
+    params = [SamplingParams(temperature=0, repetition_penalty=2.0, logprobs=True)] * 2
     # Row 0: token 0 seen in the prompt; row 1: token 0 seen in the output. Token 2 seen in both rows.
     prompts, outputs = [[0, 2], [2]], [[], [0]]
     expected = torch.tensor([[1.0, 1.5, -2.0, -3.0], [-2.0, -1.5, -8.0, -5.0]])
@@ -285,15 +285,16 @@ def test_seeded_rows_match_softmax():
 # --- mixed batch ----------------------------------------------------------------------------------------
 
 MIXED = [
-    (SamplingParams(temperature=0), [1, 2], [3]),
-    (SamplingParams(temperature=0.7, seed=1), [5], []),
-    (SamplingParams(temperature=1.0, top_k=5, seed=2), [], [7, 8]),
-    (SamplingParams(temperature=1.2, top_p=0.6, seed=3), [9, 9], [1]),
-    (SamplingParams(temperature=0.9, min_p=0.15, seed=4), [2], [2]),
-    (SamplingParams(temperature=1.0, repetition_penalty=1.4, seed=5), [10, 11, 12], [13]),
-    (SamplingParams(temperature=1.0, frequency_penalty=0.8, presence_penalty=0.4, seed=6), [4], [4, 4, 6]),
-    (SamplingParams(temperature=0.5, top_k=10, top_p=0.9, min_p=0.05, seed=7), [], []),
-    (SamplingParams(temperature=0, repetition_penalty=1.8), [0, 1, 2, 3], [4, 5]),
+    (SamplingParams(logprobs=True, temperature=0), [1, 2], [3]),
+    (SamplingParams(logprobs=True, temperature=0.7, seed=1), [5], []),
+    (SamplingParams(logprobs=True, temperature=1.0, top_k=5, seed=2), [], [7, 8]),
+    (SamplingParams(logprobs=True, temperature=1.2, top_p=0.6, seed=3), [9, 9], [1]),
+    (SamplingParams(logprobs=True, temperature=0.9, min_p=0.15, seed=4), [2], [2]),
+    (SamplingParams(logprobs=True, temperature=1.0, repetition_penalty=1.4, seed=5), [10, 11, 12], [13]),
+    (SamplingParams(logprobs=True, temperature=1.0, frequency_penalty=0.8, presence_penalty=0.4, seed=6),
+     [4], [4, 4, 6]),
+    (SamplingParams(logprobs=True, temperature=0.5, top_k=10, top_p=0.9, min_p=0.05, seed=7), [], []),
+    (SamplingParams(logprobs=True, temperature=0, repetition_penalty=1.8), [0, 1, 2, 3], [4, 5]),
 ]
 
 
@@ -326,3 +327,12 @@ def test_unused_features_build_nothing():
 def test_build_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="SamplingBatch.build"):
         SamplingBatch.build([SamplingParams()], [[1], [2]], [[]], [None], VOCAB, "cpu")
+
+
+def test_logprobs_are_skipped_unless_a_row_asks():
+    logits = random_logits(4)
+    tokens, logprobs = sample(logits, [SamplingParams(temperature=0)] * 4)
+    assert logprobs is None and torch.equal(tokens, logits.argmax(-1))
+    rows = [SamplingParams(temperature=0), SamplingParams(temperature=0, logprobs=True)] * 2
+    _, mixed = sample(logits, rows)
+    assert mixed is not None and mixed.shape == (4,)
