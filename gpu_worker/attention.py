@@ -43,6 +43,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, D], k/v: [T, Hkv, D] for this step's tokens; returns [T, H, D]."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if not meta.prefills:  # a decode-only step: the kernel's output is the whole result
+        return paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                      scale)
     out = torch.empty_like(q)
     for seg in meta.prefills:
         rows = slice(seg.start, seg.start + seg.length)

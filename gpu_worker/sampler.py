@@ -150,9 +150,9 @@ class Sampler:
     """Picks one token per row from logits [B, V].
 
     ``__call__`` returns ``(token_ids [B] int64, logprobs [B] float32)``, logprobs None when no row asked
-    for them. ``logprobs[b]`` is the natural log-probability of the chosen token under the RAW model distribution, ``log_softmax(logits[b])``, before
-    penalties, temperature, truncation and grammar masks: what transformers reports for greedy decoding,
-    and a value that does not depend on the sampling settings.
+    for them. ``logprobs[b]`` is the natural log-probability of the chosen token under the RAW model
+    distribution, ``log_softmax(logits[b])``, before penalties, temperature, truncation and grammar masks:
+    what transformers reports for greedy decoding, and a value that does not depend on the sampling settings.
     """
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch
