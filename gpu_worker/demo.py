@@ -5,6 +5,8 @@
    weights are random, so the text is gibberish: this demonstrates the serving path, not a language model.
 3. Serves a mixed batch through the engine (continuous batching, paged KV, prefix cache) and prints what
    happened, including the prefix-cache hits of a second turn.
+4. Loads two random PEFT adapters and serves rows with different adapter stacks in one batch, a two-step
+   chain (emotional_response then dialogue_style) and a grammar-constrained zombie action.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ def check_services() -> None:
     print(f"postgresql {database_url()}: {asyncio.run(pg()).split(',')[0]}")
 
 
+ADAPTERS = {"vampire.emotional_response": 4, "vampire.dialogue_style": 8, "zombie.action_policy": 8}
+
+
 def demo_model() -> Path:
-    from gpu_worker.testing import build_model, build_tokenizer
+    from gpu_worker.testing import build_adapter, build_model, build_tokenizer
 
     path = resolve_run_dir() / "demo-model"
     if not (path / "config.json").is_file():
@@ -44,6 +49,9 @@ def demo_model() -> Path:
         build_model(path, family="qwen2", hidden=128, layers=4, heads=4, kv_heads=2, intermediate=256,
                     vocab=512, seed=0)
         build_tokenizer(path, vocab_size=512)
+    for i, (name, rank) in enumerate(ADAPTERS.items()):
+        if not (path.parent / "demo-adapters" / name / "adapter_config.json").is_file():
+            build_adapter(path, path.parent / "demo-adapters" / name, r=rank, alpha=2 * rank, seed=i)
     return path
 
 
@@ -66,15 +74,46 @@ def serve(model_dir: Path) -> None:
         for line, c in zip(lines, completions):
             print(f"  {line!r} -> {tok.decode(c.token_ids)!r} ({len(c.token_ids)} tokens, "
                   f"{c.finish_reason}, {c.num_cached_tokens} prompt tokens from the prefix cache)")
+    serve_adapters(engine, tok, model_dir.parent / "demo-adapters", persona)
     stats = engine.stats()
     print(f"engine: {stats['steps']} steps, prefix-cache hit rate {stats['prefix_hit_rate']:.0%}, "
-          f"{stats['kv_blocks_total']} KV blocks")
+          f"{stats['kv_blocks_total']} KV blocks, adapters resident {sorted(stats['adapters']['resident'])}")
+
+
+def serve_adapters(engine, tok, adapters_dir: Path, persona: str) -> None:
+    import json
+
+    from gpu_worker import ChainRequest, ChainStep, Grammar, OutputRef, Request, SamplingParams
+
+    for name in ADAPTERS:
+        engine.load_adapter(name, adapters_dir / name)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    ids = tok(persona + "I remember you.").input_ids
+    stacks = [(), ("vampire.dialogue_style",), ("vampire.emotional_response", "vampire.dialogue_style")]
+    completions = engine.generate([Request(prompt=ids, adapters=s, params=greedy) for s in stacks])
+    print("one batch, three adapter stacks (different stacks give different tokens):")
+    for stack, c in zip(stacks, completions):
+        print(f"  {' + '.join(stack) or 'base model':55s} -> {c.token_ids}")
+    chain = ChainRequest(steps=[
+        ChainStep(prompt=ids, adapters=("vampire.emotional_response",), params=greedy),
+        ChainStep(prompt=[*ids, OutputRef(step=0)], adapters=("vampire.dialogue_style",), params=greedy)])
+    done = engine.generate_chains([chain])[0]
+    print(f"chain of 2 steps inside the engine: {[len(s.token_ids) for s in done.steps]} tokens per step, "
+          f"{done.finish_reason}")
+    actions = ["attack", "lunge", "follow_horde", "wander"]
+    schema = {"type": "object", "required": ["action", "target"], "additionalProperties": False,
+              "properties": {"action": {"enum": actions}, "target": {"enum": ["player_1", "none"]}}}
+    act = Request(prompt=tok("The zombie horde shuffles toward the gate.").input_ids,
+                  adapters=("zombie.action_policy",), grammar=Grammar.from_json_schema(schema),
+                  params=SamplingParams(max_tokens=48, temperature=1.0, seed=3))
+    action = engine.generate([act])[0]
+    print(f"grammar-constrained action: {json.loads(tok.decode(action.token_ids))}")
 
 
 def main() -> int:
     print("== services")
     check_services()
-    print("== engine (tiny random model on the CPU)")
+    print("== engine (a tiny model with RANDOM weights on the CPU: gibberish text until a trained model exists)")
     serve(demo_model())
     print("demo: done")
     return 0
