@@ -113,7 +113,7 @@ def serve_adapters(engine, tok, adapters_dir: Path, persona: str) -> None:
 def main() -> int:
     print("== services")
     check_services()
-    print("== engine (a tiny model with RANDOM weights on the CPU: gibberish text until a trained model exists)")
+    print("== engine (tiny model, RANDOM weights, CPU: gibberish text until a trained model exists)")
     serve(demo_model())
     print("demo: done")
     return 0
