@@ -75,3 +75,28 @@ def adapters(tmp_path_factory, qwen2_dir):
     }
     return {name: build_adapter(qwen2_dir, root / name, seed=i, **spec)
             for i, (name, spec) in enumerate(specs.items())}
+
+
+@pytest.fixture
+def prefix():
+    """A Redis key prefix of this test's own (`npc-test:<uuid>:`); its keys are deleted afterwards."""
+    import uuid
+
+    import redis
+
+    from memory.services import redis_url
+
+    url = redis_url()
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as e:
+        pytest.fail(f"no Redis at REDIS_URL={url} ({e}): start one with `python -m memory.services up`")
+    prefix = f"npc-test:{uuid.uuid4().hex}:"
+    try:
+        yield prefix
+    finally:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()

@@ -5,7 +5,6 @@ import hashlib
 import json
 import shutil
 import time
-import uuid
 
 import pytest
 import redis
@@ -22,24 +21,6 @@ from gpu_worker.lora.registry import (
 )
 from gpu_worker.testing import ALL_LINEAR, build_adapter, build_model
 from memory.services import redis_url
-
-
-@pytest.fixture
-def prefix():
-    url = redis_url()
-    client = redis.Redis.from_url(url)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as e:
-        pytest.fail(f"no Redis at REDIS_URL={url} ({e}): start one with `python -m memory.services up`")
-    prefix = f"npc-test:{uuid.uuid4().hex}:"
-    try:
-        yield prefix
-    finally:
-        keys = list(client.scan_iter(match=prefix + "*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 def run(prefix, body, **client_kwargs):

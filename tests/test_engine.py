@@ -21,6 +21,10 @@ def random_prompts(lengths, vocab=512, seed=0):
 def hf_greedy(model_dir, prompts, max_new_tokens):
     """transformers' generate, one prompt at a time: (tokens, logprob of each chosen token)."""
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return hf_model_greedy(model, prompts, max_new_tokens)
+
+
+def hf_model_greedy(model, prompts, max_new_tokens):
     results = []
     for prompt in prompts:
         # An explicit mask: generate would otherwise treat token 0 (the pad id) in a prompt as padding.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from test_engine import GREEDY, assert_matches, random_prompts
+from test_engine import GREEDY, assert_matches, hf_model_greedy, random_prompts
 from transformers import AutoModelForCausalLM
 
 from gpu_worker import Engine, EngineConfig, Request
@@ -20,16 +20,7 @@ def merged_reference(model_dir, adapter_dirs, stack, prompts, max_new_tokens):
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     for name in stack:
         model = PeftModel.from_pretrained(model, str(adapter_dirs[name])).merge_and_unload()
-    results = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
-        tokens = out.sequences[0, len(prompt):].tolist()
-        results.append((tokens, [torch.log_softmax(s[0].float(), -1)[t].item()
-                                 for s, t in zip(out.logits, tokens)]))
-    return results
+    return hf_model_greedy(model, prompts, max_new_tokens)
 
 
 @pytest.fixture(scope="module")

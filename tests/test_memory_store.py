@@ -8,10 +8,8 @@ import asyncio
 import contextlib
 import json
 import time
-import uuid
 
 import pytest
-import redis
 import redis.asyncio.connection as aio_connection
 
 from memory.cards import MAX_CARD_BYTES, CardTooLarge, Mark, Promise, RelationshipCard, serialize_card
@@ -19,27 +17,8 @@ from memory.config import MemoryConfig
 from memory.events import GameEvent, OutboxEvent, outbox_stream
 from memory.nearline import Nearline
 from memory.records import Fact
-from memory.services import redis_url
 from memory.store import MemoryStore, connect
 from memory.testing import DAY_S, DIALOGUE, T0, FakeClock
-
-
-@pytest.fixture
-def prefix():
-    url = redis_url()
-    client = redis.Redis.from_url(url)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as e:
-        pytest.fail(f"no Redis at REDIS_URL={url} ({e}): start one with `python -m memory.services up`")
-    prefix = f"npc-test:{uuid.uuid4().hex}:"
-    try:
-        yield prefix
-    finally:
-        keys = list(client.scan_iter(match=prefix + "*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 def run(prefix, body, clock=None, summarize=None, **config_kwargs):
