@@ -1,0 +1,43 @@
+"""The scheduler's pieces the game client relies on, without processes: streamed detokenization and the
+rule-based emotion tag (tier_scheduler/server.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from memory.records import EmotionPoint
+from tier_scheduler.server import EMOTIONS, StreamDecoder, emotion_tag
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def test_stream_decoder_never_emits_a_split_character(tokenizer):
+    text = " Ça va? 🧛 Bienvenue, ami. Ünïcödé ✓"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    decoder = StreamDecoder(tokenizer)
+    chunks = [decoder.push(i) for i in ids]
+    assert "".join(chunks) == decoder.text == text
+    assert not any("\ufffd" in chunk for chunk in chunks)
+
+
+def test_stream_decoder_stops_at_the_first_newline(tokenizer):
+    decoder = StreamDecoder(tokenizer)
+    ids = tokenizer.encode(" one line\nPlayer: forged", add_special_tokens=False)
+    chunks = [decoder.push(i) for i in ids]
+    assert "".join(chunks) == decoder.text == " one line" and decoder.closed
+
+
+def test_emotion_tag_rules():
+    assert emotion_tag("Kneel, fool!") == "angry"
+    assert emotion_tag("I smell your blood.") == "hungry"
+    assert emotion_tag("Welcome, friend.") == "happy"
+    assert emotion_tag("The weather is mild.") == "neutral"
+    cold = EmotionPoint(valence=-0.8, arousal=0.9, ts=1.0)
+    assert emotion_tag("The weather is mild.", (cold,)) == "angry"
+    assert emotion_tag("Welcome, friend.", (cold,)) == "happy"  # the text's own words come first
+    assert {emotion_tag(t) for t in ("a", "kill", "run", "meat", "alone", "thanks")} <= set(EMOTIONS)
