@@ -650,7 +650,12 @@ def _check_token_ids(tokens: np.ndarray, bounds: np.ndarray, vocab_size: int | N
 
 
 def _check_prompts(batch: SubmitBatch, lengths: list[int], limits: Limits) -> None:
-    for i, segment in enumerate(batch.prompt):
+    prompt = batch.prompt
+    if prompt and max(prompt) < len(lengths):  # the common case, checked in C: every length in range
+        chosen = list(map(lengths.__getitem__, prompt))
+        if min(chosen) >= 1 and max(chosen) <= limits.max_prompt_tokens:
+            return
+    for i, segment in enumerate(prompt):  # something fails: find the first request at fault and name it
         if segment >= len(lengths):
             raise _request_error(batch, i, ErrorCode.BAD_FIELD, f"prompt: segment {segment} does not exist "
                                  f"({len(lengths)} segments)")
@@ -898,8 +903,8 @@ class BatchBuilder:
             stack=tuple(self._stack) if any(self._stack) else (),
             params=tuple(self._params) if any(self._params) else (),
             priority=tuple(self._priority) if any(self._priority) else (),
-            deadline_ms=() if all(d is None for d in self._deadline_ms) else tuple(self._deadline_ms),
-            grammar=tuple(self._grammar) if any(g != NO_GRAMMAR for g in self._grammar) else (),
+            deadline_ms=tuple(self._deadline_ms) if self._deadline_ms.count(None) != len(self._ids) else (),
+            grammar=tuple(self._grammar) if self._grammar.count(NO_GRAMMAR) != len(self._grammar) else (),
             stack_table=tuple(self._stacks.values), params_table=tuple(self._params_table.values),
             grammar_table=tuple(self._grammars.values), chains=tuple(self._chains))
 
