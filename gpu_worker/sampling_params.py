@@ -105,8 +105,3 @@ class SamplingParams:
     def greedy(self) -> bool:
         """True when the request always takes the most likely token (temperature 0)."""
         return self.temperature == 0
-
-    @property
-    def uses_penalties(self) -> bool:
-        """True when any penalty changes the logits, so token counts must be built for this request."""
-        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0

@@ -100,3 +100,26 @@ def prefix():
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@pytest.fixture
+def names(prefix):
+    """(Redis key prefix, PostgreSQL schema) of this test's own; both removed afterwards."""
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    from memory.services import database_url
+
+    schema = f"npc_test_{uuid.uuid4().hex}"
+    yield prefix, schema
+
+    async def drop_schema():
+        conn = await asyncpg.connect(database_url())
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()
+
+    asyncio.run(drop_schema())

@@ -41,19 +41,6 @@ NOW = datetime(2024, 6, 5, 12, tzinfo=UTC).timestamp()  # a Wednesday: the tests
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture
-def names():
-    """(key prefix, schema) of this test; both removed afterwards."""
-    prefix, schema = f"npc-test:{uuid.uuid4()}:", f"npc_test_{uuid.uuid4().hex}"
-    yield prefix, schema
-    client = redis.Redis.from_url(services.redis_url())
-    keys = list(client.scan_iter(match=prefix + "*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
-    _query(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-
-
 def _query(query: str, *args) -> list:
     return asyncio.run(_sql(services.database_url(), query, *args))
 

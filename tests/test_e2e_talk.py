@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from pathlib import Path
 
 import asyncpg
 import numpy as np
 import pytest
-import redis
 
 from gpu_worker.client import ClientConfig, WorkerClient
 from memory import services
@@ -53,19 +51,6 @@ def tokenizer(qwen2_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(qwen2_dir))
-
-
-@pytest.fixture
-def names():
-    """(Redis key prefix, PostgreSQL schema) of this test; both removed afterwards."""
-    prefix, schema = f"npc-test:{uuid.uuid4()}:", f"npc_test_{uuid.uuid4().hex}"
-    yield prefix, schema
-    client = redis.Redis.from_url(services.redis_url())
-    keys = list(client.scan_iter(match=prefix + "*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
-    asyncio.run(_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
 
 
 async def _sql(query: str, *args) -> list:

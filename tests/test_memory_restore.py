@@ -12,7 +12,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import uuid
 
 import asyncpg
 import pytest
@@ -22,33 +21,12 @@ from memory.archiver import Archiver, ArchiverConfig
 from memory.cards import RelationshipCard, card_to_dict
 from memory.config import MemoryConfig
 from memory.events import GameEvent, outbox_stream
-from memory.nearline import RESTORE_VERSION, delete_keys, restore_key, restore_requests_stream
+from memory.nearline import RESTORE_VERSION, restore_key, restore_requests_stream
 from memory.records import EmotionPoint, Fact, Summary, new_id
 from memory.store import MemoryStore, connect
 from memory.testing import DAY_S, DIALOGUE, T0, FakeClock
 
 QUERY = "I brought the silver dagger, as I promised."
-
-
-@pytest.fixture
-def names():
-    """(key prefix, schema) of this test; both removed afterwards."""
-    prefix, schema = f"npc-test:{uuid.uuid4().hex}:", f"npc_test_{uuid.uuid4().hex}"
-    yield prefix, schema
-
-    async def cleanup():
-        client = connect()
-        try:
-            await delete_keys(client, prefix)
-        finally:
-            await client.aclose()
-        conn = await asyncpg.connect(services.database_url())
-        try:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        finally:
-            await conn.close()
-
-    asyncio.run(cleanup())
 
 
 def run(prefix, body, clock, **config_kwargs):
