@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gpu_worker.grammar import Grammar
-from gpu_worker.request import Completion, Request, TokenDelta
+from gpu_worker.request import Completion, Request, RequestRejected, TokenDelta
 from gpu_worker.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -88,7 +88,9 @@ def validate_chain(chain: ChainRequest, validate_request: Callable[[Request], No
         _check_refs(step.prompt, i, where)
         try:
             validate_request(step_request(chain, i, _worst_case_outputs(chain, i)))
-        except ValueError as e:
+        except ValueError as e:  # name the step; keep the reason of a RequestRejected
+            if isinstance(e, RequestRejected):
+                raise RequestRejected(e.reason, f"{where}: {e}") from None
             raise ValueError(f"{where}: {e}") from None
 
 

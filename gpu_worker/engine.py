@@ -24,7 +24,7 @@ from gpu_worker.lora.layer import attach_lora
 from gpu_worker.lora.pool import AdapterNotReady, AdapterPool
 from gpu_worker.model.loader import load_model
 from gpu_worker.model_runner import ModelRunner, kv_block_bytes
-from gpu_worker.request import Completion, Request, SeqStatus, Sequence, TokenDelta
+from gpu_worker.request import Completion, Request, RequestRejected, SeqStatus, Sequence, TokenDelta
 from gpu_worker.sampler import Sampler, SamplingBatch, make_generator
 from gpu_worker.sampling_params import SamplingParams
 from gpu_worker.scheduler import Scheduler
@@ -80,9 +80,11 @@ class Engine:
     def _admission_id(self, request_id: str | None, kind: str) -> str:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._seqs or request_id in self.chains.running:
-            raise ValueError(f"{kind}.request_id {request_id!r} is already in flight")
+            raise RequestRejected(RequestRejected.DUPLICATE,
+                                  f"{kind}.request_id {request_id!r} is already in flight")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
-            raise ValueError(f"engine queue full ({self.config.max_waiting} waiting requests); retry later")
+            raise RequestRejected(RequestRejected.OVERLOADED, f"engine queue full ({self.config.max_waiting} "
+                                  "waiting requests); retry later")
         return request_id
 
     def _enqueue(self, request: Request, request_id: str, arrival: int | None = None) -> Sequence:
@@ -285,14 +287,15 @@ class Engine:
             raise ValueError("Request.prompt is empty")
         bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"Request.prompt has token ids outside the vocabulary [0, {self.vocab_size}): "
-                             f"{bad[:5]}")
+            raise RequestRejected(RequestRejected.TOKEN_OUT_OF_RANGE, "Request.prompt has token ids outside "
+                                  f"the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         if len(prompt) >= self.max_model_len:
             raise ValueError(f"Request.prompt has {len(prompt)} tokens; the context is {self.max_model_len} "
                              f"(prompt + at least one new token must fit)")
         if request.adapters:
             if self.lora is None:
-                raise ValueError(f"Request.adapters: unknown adapter(s) {list(request.adapters)}")
+                raise RequestRejected(RequestRejected.UNKNOWN_ADAPTER,
+                                      f"Request.adapters: unknown adapter(s) {list(request.adapters)}")
             self.lora.check_stack(tuple(request.adapters))
         if request.priority < 0:
             raise ValueError(f"Request.priority must be >= 0, got {request.priority}")

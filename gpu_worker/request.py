@@ -50,6 +50,20 @@ class TokenDelta:
     step: int = 0  # index of the chain step that produced it (0 for a plain request)
 
 
+class RequestRejected(ValueError):
+    """A ValueError that also says why, for callers that map refusals to codes (the worker's protocol)."""
+
+    UNKNOWN_ADAPTER = "unknown_adapter"
+    ADAPTER_FAILED = "adapter_failed"
+    DUPLICATE = "duplicate"
+    OVERLOADED = "overloaded"
+    TOKEN_OUT_OF_RANGE = "token_out_of_range"
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class SeqStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"

@@ -35,7 +35,7 @@ from gpu_worker.config import EngineConfig
 from gpu_worker.engine import Engine
 from gpu_worker.grammar import Grammar as EngineGrammar
 from gpu_worker.lora.pool import LoRAConfig
-from gpu_worker.request import Request, TokenDelta
+from gpu_worker.request import Request, RequestRejected, TokenDelta
 from gpu_worker.sampling_params import SamplingParams
 from ipc.errors import ErrorCode, ProtocolError
 from ipc.messages import (
@@ -132,14 +132,18 @@ def engine_item(batch: SubmitBatch, i: int) -> Request | ChainRequest:
     return ChainRequest(steps, spec.request_id, spec.priority, spec.deadline_ms)
 
 
-def refusal_code(message: str) -> ErrorCode:
-    """The protocol code of an engine ValueError (the engine names the problem in its text)."""
-    text = message.lower()
-    rules = (("unknown adapter", ErrorCode.UNKNOWN_ADAPTER),
-             ("failed to load", ErrorCode.ADAPTER_LOAD_FAILED),
-             ("already in flight", ErrorCode.DUPLICATE_REQUEST), ("queue full", ErrorCode.OVERLOADED),
-             ("outside the vocabulary", ErrorCode.TOKEN_OUT_OF_RANGE))
-    return next((code for needle, code in rules if needle in text), ErrorCode.INVALID_REQUEST)
+_REFUSAL_CODES = {
+    RequestRejected.UNKNOWN_ADAPTER: ErrorCode.UNKNOWN_ADAPTER,
+    RequestRejected.ADAPTER_FAILED: ErrorCode.ADAPTER_LOAD_FAILED,
+    RequestRejected.DUPLICATE: ErrorCode.DUPLICATE_REQUEST,
+    RequestRejected.OVERLOADED: ErrorCode.OVERLOADED,
+    RequestRejected.TOKEN_OUT_OF_RANGE: ErrorCode.TOKEN_OUT_OF_RANGE,
+}
+
+
+def refusal_code(error: ValueError) -> ErrorCode:
+    """The protocol code of an engine ValueError: from its reason when it is a RequestRejected."""
+    return _REFUSAL_CODES.get(getattr(error, "reason", None), ErrorCode.INVALID_REQUEST)
 
 
 def plain(value: object) -> object:
@@ -262,15 +266,15 @@ class Worker:
             if error is None:
                 accepted += 1
             else:
-                rejected.append(Rejection(rid, int(refusal_code(error)), error))
+                rejected.append(Rejection(rid, int(refusal_code(error)), str(error)))
         # The prompts are copied into the engine: the ack hands the ring slot back to the client.
         self.endpoint.reply(incoming, BatchAck(accepted, tuple(rejected)))
 
-    def _admit(self, peer: bytes, batch: SubmitBatch, i: int) -> str | None:
+    def _admit(self, peer: bytes, batch: SubmitBatch, i: int) -> ValueError | None:
         """Queues request i; returns why not, or None."""
         rid = batch.request_id[i]
         if rid in self.owned:
-            return f"request id {rid!r} is already in flight"
+            return RequestRejected(RequestRejected.DUPLICATE, f"request id {rid!r} is already in flight")
         try:
             item = engine_item(batch, i)
             if isinstance(item, ChainRequest):
@@ -278,7 +282,7 @@ class Worker:
             else:
                 self.engine.add_request(item)
         except ValueError as e:
-            return str(e)
+            return e
         self.owned[rid] = _Owned(peer, isinstance(item, ChainRequest))
         return None
 
@@ -386,7 +390,7 @@ class Worker:
             try:
                 self.engine._validate(request)
             except ValueError as e:
-                raise ProtocolError(refusal_code(str(e)), f"segment {j}: {e}") from None
+                raise ProtocolError(refusal_code(e), f"segment {j}: {e}") from None
         block = self.engine.blocks.block_size
         warm = _Warm(incoming, [len(r.prompt) // block * block for r in requests])
         for request in requests:
@@ -444,7 +448,7 @@ class Worker:
         try:
             self.engine.unload_adapter(name)
         except ValueError as e:
-            raise ProtocolError(refusal_code(str(e)), str(e)) from None
+            raise ProtocolError(refusal_code(e), str(e)) from None
         self.endpoint.reply(incoming, AdapterUnloadReply(name, False, False))
 
     def _adapter_pin(self, incoming: Incoming) -> None:
@@ -452,7 +456,7 @@ class Worker:
         try:
             self.engine.pin_adapter(msg.name, msg.pinned)
         except ValueError as e:
-            raise ProtocolError(refusal_code(str(e)), str(e)) from None
+            raise ProtocolError(refusal_code(e), str(e)) from None
         resident = msg.name in self.engine.lora.cpu or msg.name in self.engine.lora.slot_of
         self.endpoint.reply(incoming, AdapterPinReply(msg.name, resident, msg.pinned))
 

@@ -267,3 +267,20 @@ def test_torch_paths_without_native_ops_match_transformers(family, references, q
     model_dir = {"qwen2": qwen2_dir, "llama": llama_dir}[family]
     engine = Engine(EngineConfig(model=str(model_dir), max_num_batched_tokens=16))
     assert_matches(engine.generate([Request(prompt=p, params=GREEDY) for p in prompts]), refs[family])
+
+
+def test_refusals_carry_their_reason(engine_for_errors):
+    """The worker maps these reasons to protocol codes; the reason travels on the exception, not the text."""
+    from gpu_worker.request import RequestRejected
+
+    cases = {RequestRejected.TOKEN_OUT_OF_RANGE: Request(prompt=[1, 99999]),
+             RequestRejected.UNKNOWN_ADAPTER: Request(prompt=[1], adapters=("nope",))}
+    for reason, request in cases.items():
+        with pytest.raises(RequestRejected) as info:
+            engine_for_errors.add_request(request)
+        assert info.value.reason == reason
+    rid = engine_for_errors.add_request(Request(prompt=[1], params=GREEDY, request_id="twice"))
+    with pytest.raises(RequestRejected) as info:
+        engine_for_errors.add_request(Request(prompt=[1], request_id="twice"))
+    assert info.value.reason == RequestRejected.DUPLICATE
+    engine_for_errors.abort(rid)

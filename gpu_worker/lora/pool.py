@@ -17,6 +17,7 @@ import torch
 
 from gpu_worker.lora.adapter import FUSED_OF, MODULES, LoRAAdapter, load_peft_adapter, module_shapes
 from gpu_worker.model.llama import ModelArgs
+from gpu_worker.request import RequestRejected
 
 # PEFT modules of each fused projection, in the order of its output slices.
 FUSED_SUBS = {fused: tuple(m for m in MODULES if FUSED_OF[m][0] == fused)
@@ -81,7 +82,7 @@ class AdapterPool:
 
     def unload(self, name: str) -> None:
         if name not in self.paths:
-            raise ValueError(f"unknown adapter {name!r}")
+            raise RequestRejected(RequestRejected.UNKNOWN_ADAPTER, f"unknown adapter {name!r}")
         if self.in_use[name]:
             raise ValueError(f"adapter {name!r} is in use by running requests")
         self._drop(name)
@@ -91,7 +92,7 @@ class AdapterPool:
 
     def pin(self, name: str, pinned: bool = True) -> None:
         if name not in self.paths:
-            raise ValueError(f"unknown adapter {name!r}")
+            raise RequestRejected(RequestRejected.UNKNOWN_ADAPTER, f"unknown adapter {name!r}")
         (self.pinned.add if pinned else self.pinned.discard)(name)
 
     def _read(self, name: str, path: str) -> LoRAAdapter:
@@ -132,11 +133,13 @@ class AdapterPool:
             raise ValueError(f"Request.adapters repeats an adapter: {list(names)}")
         unknown = [n for n in names if n not in self.paths]
         if unknown:
-            raise ValueError(f"Request.adapters: unknown adapter(s) {unknown}")
+            raise RequestRejected(RequestRejected.UNKNOWN_ADAPTER,
+                                  f"Request.adapters: unknown adapter(s) {unknown}")
         failed = [n for n in names if n in self.failed]
         if failed:
             name = failed[0]
-            raise ValueError(f"Request.adapters: adapter {name!r} failed to load: {self.failed[name]}")
+            raise RequestRejected(RequestRejected.ADAPTER_FAILED,
+                                  f"Request.adapters: adapter {name!r} failed to load: {self.failed[name]}")
         ranks = [self.cpu[n].rank for n in names if n in self.cpu]
         if len(ranks) == len(names) and sum(ranks) > self.config.max_stack_rank:
             raise ValueError(f"Request.adapters: total rank {sum(ranks)} of {list(names)} is over "
