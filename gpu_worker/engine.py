@@ -230,7 +230,10 @@ class Engine:
             seq.stop_reason = token
             return "stop"
         if p.stop and self._detokenize is not None:
-            text = self._detokenize(seq.outputs)
+            # Checked every token, so a match must end in the newest one: decode only a tail that is
+            # sure to hold the longest stop string (every token is at least one byte, a char at most 4).
+            tail = 4 * max(len(s) for s in p.stop) + 4
+            text = self._detokenize(seq.outputs[-tail:])
             for s in p.stop:
                 if s in text:
                     seq.stop_reason = s

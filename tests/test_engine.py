@@ -284,3 +284,23 @@ def test_refusals_carry_their_reason(engine_for_errors):
         engine_for_errors.add_request(Request(prompt=[1], request_id="twice"))
     assert info.value.reason == RequestRejected.DUPLICATE
     engine_for_errors.abort(rid)
+
+
+def test_stop_string_late_in_a_long_output(qwen2_dir):
+    """Only a tail of the output is decoded per step: a stop string far from the start is still found."""
+    from gpu_worker.engine import load_detokenizer
+
+    detok = load_detokenizer(qwen2_dir)
+    engine = Engine(EngineConfig(model=str(qwen2_dir)))
+    prompt = random_prompts([7], seed=8)[0]
+    # Seeded sampling: varied text (greedy on the random model repeats itself), the same tokens each run.
+    long_params = SamplingParams(max_tokens=48, temperature=1.0, seed=5, ignore_eos=True)
+    free, = engine.generate([Request(prompt=prompt, params=long_params)])
+    def first_stop(needle):  # shortest output prefix whose text holds the needle
+        return next((i for i in range(1, 49) if needle in detok(free.token_ids[:i])), None)
+
+    candidates = (detok(free.token_ids[i:i + 2]) for i in range(20, 46))
+    needle = next(c for c in candidates if c.strip() and "\ufffd" not in c and (first_stop(c) or 0) > 24)
+    stopped, = engine.generate([Request(prompt=prompt, params=SamplingParams(
+        max_tokens=48, temperature=1.0, seed=5, ignore_eos=True, stop=(needle,)))])
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[:first_stop(needle)]
