@@ -344,6 +344,8 @@ class MemoryStore:
         if isinstance(text, str) and len(text) > self.config.max_turn_chars:
             raise ValueError(f"text: {len(text)} characters, more than max_turn_chars "
                              f"({self.config.max_turn_chars})")
+        if isinstance(text, str) and "\x00" in text:  # refused here rather than dead-lettered by the archiver
+            raise ValueError("text: contains NUL (U+0000), which the PostgreSQL archive cannot store")
         now = self.clock()
         entry = self._entry(npc_id, player_id, now)
         session_id = entry.session_id or new_id()

@@ -278,6 +278,9 @@ def test_bad_input_is_rejected_with_a_clear_error(prefix):
             await store.prefetch("bad:id", "p1")
         with pytest.raises(ValueError, match="max_turn_chars"):
             await store.record_turn("vlad", "p1", "player", "x" * 2001)
+        with pytest.raises(ValueError, match="NUL"):
+            await store.record_turn("vlad", "p1", "npc", "fang\x00s")
+        assert (await store.prefetch("vlad", "p1")).turns == ()  # nothing half-written
         with pytest.raises(ValueError, match="speaker"):
             await store.record_turn("vlad", "p1", "narrator", "hello")
         with pytest.raises(ValueError, match="type"):

@@ -41,3 +41,19 @@ def test_emotion_tag_rules():
     assert emotion_tag("The weather is mild.", (cold,)) == "angry"
     assert emotion_tag("Welcome, friend.", (cold,)) == "happy"  # the text's own words come first
     assert {emotion_tag(t) for t in ("a", "kill", "run", "meat", "alone", "thanks")} <= set(EMOTIONS)
+
+
+def test_stream_decoder_drops_control_characters(tokenizer):
+    # A byte-level vocabulary holds a token for every byte: a random model samples NUL and friends.
+    decoder = StreamDecoder(tokenizer)
+    ids = tokenizer.encode(" a\x00b\x1b[1mc\x7f d\tz", add_special_tokens=False)
+    chunks = [decoder.push(i) for i in ids]
+    assert "".join(chunks) == decoder.text == " ab[1mc d\tz"
+
+
+def test_talk_input_with_a_control_character_is_refused():
+    from tier_scheduler import prompts
+
+    with pytest.raises(ValueError, match="U\\+0000 at index 5"):
+        prompts.input_pieces("talk", "hello\x00there", 100)
+    assert prompts.input_pieces("talk", "tab\there\r\n", 100)[0] == "Player: tab here\n"

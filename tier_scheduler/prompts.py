@@ -27,6 +27,7 @@ Hazards for the caller:
 from __future__ import annotations
 
 import functools
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -93,6 +94,15 @@ def visible_turns(turns: Sequence[HasSpeakerText], window_max: int, window_min: 
 
 
 # ---------------------------------------------------------------------------------------------- render
+
+
+# C0 and C1 control characters but tab, newline and carriage return: a game engine's C strings end at NUL,
+# and the PostgreSQL archive (jsonb) cannot store it.
+CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def drop_control_chars(text: str) -> str:
+    return CONTROL_CHARS.sub("", text)
 
 
 def one_line(text: str) -> str:
@@ -169,6 +179,8 @@ def input_pieces(kind: str, new_input: str, max_chars: int) -> tuple[str, ...]:
         raise ValueError(f"new_input: must be a non-empty string, got {new_input!r}")
     if len(new_input) > max_chars:
         raise ValueError(f"new_input: {len(new_input)} characters, more than max_input_chars ({max_chars})")
+    if (bad := CONTROL_CHARS.search(new_input)) is not None:
+        raise ValueError(f"new_input: control character U+{ord(bad.group()):04X} at index {bad.start()}")
     if kind == "talk":
         return (f"Player: {one_line(new_input)}\n", TALK_CUE)
     if kind == "act":

@@ -529,8 +529,9 @@ class SchedulerServer:
 
 class StreamDecoder:
     """Incremental detokenization: decodes the ids so far and emits the new suffix, holding it back while
-    it ends in U+FFFD (a UTF-8 character split across tokens) and cutting at the first newline (the prompt
-    layout keeps a reply on one line; the worker stops there too)."""
+    it ends in U+FFFD (a UTF-8 character split across tokens), cutting at the first newline (the prompt
+    layout keeps a reply on one line; the worker stops there too) and dropping control characters (a
+    byte-level vocabulary can sample NUL, which ends a C string in the game and which the archive refuses)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -547,6 +548,7 @@ class StreamDecoder:
             return ""
         if "\n" in full:
             full, self.closed = full.split("\n", 1)[0], True
+        full = prompts.drop_control_chars(full)
         if not self.text and not full.strip():
             return ""  # the leading space after "Me:" alone is not worth a chunk
         chunk = full[len(self.text):] if full.startswith(self.text) else ""
