@@ -24,15 +24,35 @@ from pathlib import Path
 import torch
 
 
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return sizes
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder (default: a random tiny Qwen2)")
     p.add_argument("--adapters-dir", default=None, help="PEFT folders (default: random adapters)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--batch-sizes", default="1,8,32")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--requests", type=int, default=32, help="requests of the end-to-end IPC run")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 8, 32], help="comma-separated (1,8,32)")
+    p.add_argument("--iters", type=_positive, default=10)
+    p.add_argument("--requests", type=_positive, default=32, help="requests of the end-to-end IPC run")
+    p.add_argument("--max-tokens", type=_positive, default=16)
     p.add_argument("--skip-ipc", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--trace", default=None, help="write a torch.profiler chrome trace here")
@@ -242,7 +262,7 @@ def profile_main(args: argparse.Namespace) -> int:
 
     from gpu_worker.worker import adapter_folders
 
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    batch_sizes = args.batch_sizes
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     report: dict = {"device": str(device), "dtype": args.dtype}
     with tempfile.TemporaryDirectory(prefix="npc-profile-model-") as scratch, \
