@@ -195,7 +195,7 @@ class ChainRunner:
         i = state.step
         request = step_request(state.chain, i, [c.token_ids for c in state.done])
         try:
-            self.engine._validate(request)
+            self.engine.validate(request)
         except ValueError as e:
             state.done.append(Completion(state.request_id, request.prompt, [], None, "error", error=str(e)))
             return self._finish(state, "error", f"step {i}: {e}")

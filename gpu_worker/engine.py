@@ -65,14 +65,14 @@ class Engine:
 
     def add_request(self, request: Request) -> str:
         """Validates and queues a request; raises ValueError naming the bad field (nothing is queued then)."""
-        self._validate(request)
+        self.validate(request)
         request_id = self._admission_id(request.request_id, "Request")
         self._enqueue(request, request_id)
         return request_id
 
     def add_chain(self, chain: ChainRequest) -> str:
         """Validates and queues a chain (gpu_worker/chains.py); its deltas carry its id and step index."""
-        validate_chain(chain, self._validate)
+        validate_chain(chain, self.validate)
         request_id = self._admission_id(chain.request_id, "ChainRequest")
         self.chains.add(chain, request_id)
         return request_id
@@ -153,7 +153,7 @@ class Engine:
         """
         for i, request in enumerate(requests):
             try:
-                self._validate(request)
+                self.validate(request)
             except ValueError as e:
                 raise ValueError(f"request {i}: {e}") from None
         ids = [self.add_request(r) for r in requests]
@@ -165,7 +165,7 @@ class Engine:
         before any is queued, like `generate`)."""
         for i, chain in enumerate(chains):
             try:
-                validate_chain(chain, self._validate)
+                validate_chain(chain, self.validate)
             except ValueError as e:
                 raise ValueError(f"chain {i}: {e}") from None
         ids = [self.add_chain(c) for c in chains]
@@ -282,7 +282,8 @@ class Engine:
             attach_lora(self.model, self.lora)
         return self.lora
 
-    def _validate(self, request: Request) -> None:
+    def validate(self, request: Request) -> None:
+        """Raises what add_request would for this request (ValueError, RequestRejected), adding nothing."""
         prompt = request.prompt
         if not isinstance(request.params, SamplingParams):
             raise ValueError("Request.params must be a SamplingParams")

@@ -388,7 +388,7 @@ class Worker:
                                     params=SamplingParams(max_tokens=1, temperature=0.0)))
         for j, request in enumerate(requests):  # all checked before any is queued
             try:
-                self.engine._validate(request)
+                self.engine.validate(request)
             except ValueError as e:
                 raise ProtocolError(refusal_code(e), f"segment {j}: {e}") from None
         block = self.engine.blocks.block_size

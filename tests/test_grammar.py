@@ -107,14 +107,14 @@ def test_length_bounded_strings_reject_control_characters(engine):
     # xgrammar 0.2.8 lets raw U+0000..U+001F into strings with minLength / maxLength; JSON forbids them.
     bounded = {"type": "string", "maxLength": 4}
     grammar = Grammar.from_json_schema({"type": "object", "properties": {"s": bounded}, "required": ["s"]})
-    engine._validate(Request(prompt=[1], grammar=grammar))
+    engine.validate(Request(prompt=[1], grammar=grammar))
     for text, ok in (('{"s": "ab"}', True), ('{"s": "a\tb"}', False), ('{"s": "a\x0bb"}', False)):
         matcher = engine._grammars.matcher(grammar)
         assert (matcher.accept_string(text) and matcher.is_completed()) == ok, text
 
 
 def test_any_json_grammar(engine):
-    engine._validate(Request(prompt=[1], grammar=Grammar("json")))
+    engine.validate(Request(prompt=[1], grammar=Grammar("json")))
     matcher = engine._grammars.matcher(Grammar("json"))
     assert matcher.accept_string('{"a": [1, 2.5, "x"], "b": null}') and matcher.is_completed()
 
