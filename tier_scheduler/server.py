@@ -1,14 +1,18 @@
 """SchedulerServer: the scheduler process core (asyncio) wiring the policy modules to memory and the worker.
 
-    server = SchedulerServer(SchedulerConfig(), memory, worker, tokenizer, resident=worker_adapters)
+    server = SchedulerServer(SchedulerConfig(), memory, worker, tokenizer, resident=worker_adapters,
+                             registry=adapter_registry)    # registry: optional (AdapterRegistry)
     await server.start()                                   # the batch dispatcher task
     server.register_npc("npc-7", "vampire", "nosferatu", position=(0, 0, 0))
+    server.set_override("npc-7", forced="gold", relationship=62.0)   # floors of its tier; None clears
     server.update_positions(["npc-7"], np.array([[3.0, 0, 0]]))
     update = await server.tick({"player-1": (0.0, 0.0, 0.0)})   # re-tier; promotion to Gold prefetches
     async for item in server.talk("npc-7", "player-1", "Good evening."):
         if isinstance(item, TalkResult): ...               # last item: text, emotion, degraded, reason
         else: ...                                           # a str chunk of the streamed reply
     result = await server.act("npc-7", ActContext(world, "A player walks in."))   # a validated action
+    server.hordes()                                        # {horde id: (leader id, member ids)}, per tick
+    results = await server.act_horde(leader_id, ActContext(world, "..."))  # {member id: ActResult}
     await server.close()
 
 What it does (the vertical slice of issue 7):
@@ -29,17 +33,54 @@ What it does (the vertical slice of issue 7):
   the game state sent), validated by tier_scheduler.actions against that game state; any failure gives
   the safe default with the reason. Bronze acts never reach the LLM (safe default, reason says so).
 
-Emotion tag (rule-based, for voice / face): a keyword lexicon over the reply text first; failing a
-match, the NPC's newest emotion point towards the player (memory's trajectory: valence / arousal);
-failing that "neutral". Bronze: the same lexicon over the bark. Tags: EMOTIONS.
+Tier overrides (`set_override`): a quest flag (`forced`, a Tier or its name) keeps an NPC at least at that
+tier, a relationship score (-100..100, e.g. max of trust and affinity of its relationship card: the game
+reads the card and sets the score, nothing here derives it) >= SchedulerConfig.keep_silver_score keeps it
+at least Silver. Both persist for the NPC's registration (despawn forgets them) until set again; None
+clears one, leaving the argument out keeps it. They are floors applied at the next tick (tiers.py rule 2):
+clearing one lets distance and its hysteresis decide again from the next tick on.
+
+Hordes: each tick clusters the zombie NPCs (tier_scheduler.hordes.cluster_hordes on their 3-D positions,
+ServerConfig.horde_cell_m / horde_min_size); `hordes()` gives the last tick's, ids valid until the next
+tick. `act_horde(leader, context)` (the leader's id, any member's id, or the horde id) makes ONE
+action_policy decision for the leader, through the same worker / grammar / validation path as `act`, at
+the best tier of the horde's members (Bronze everywhere: the leader's safe default, no LLM), under the
+leader's lock; hordes.fan_out spreads it over the members (per-member variation, each validated against the
+game state sent: a member missing from it idles). Every member's ActResult carries the decision's `valid`,
+`reason` and `raw`. `follow_horde` needs the member's `horde_id` set in that game state (the validator
+trusts only the game's own). A zombie in a horde may still `act` alone, as any NPC.
+
+Chains (ServerConfig.talk_chain, on by default): a Gold talk whose NPC has its emotional_response stack
+available (every adapter of it resident, not degraded) runs as one 2-step worker chain, in ONE worker
+request: step 1 on the emotional_response stack reads the talk prompt up to the player's line, then
+EMOTION_CUE, and answers one word of EMOTIONS (EBNF grammar); step 2 on the dialogue_style stack gets the
+same prompt, EMOTION_CUE, step 1's output (OutputRef), a newline and the talk cue, and its deltas alone
+stream to the game. The TalkResult's emotion is step 1's word. Silver talks, and NPCs without that stack,
+run today's single step (not degraded for lacking the chain). The chain costs the next turn's prefix cache
+the short emotion line (the turn window renders the reply right after the player's line).
+
+Adapter stacks: given at registration (`stacks=`, task -> stack, base first) win; else, with a `registry`
+(gpu_worker.lora.registry.AdapterRegistry), `registry.resolve_stack(npc_id, task)` (task adapter,
+subfaction delta, NPC delta: one round trip), cached on the NPC's actor per task, re-resolved on
+register_npc (background) and `refresh_stacks`; else `<archetype>.<task>`. A resolve never fails a turn:
+UnknownNPC (no profile: set with registry.set_npc) or a registry error (e.g. Redis down, timeout
+registry_timeout_s) keeps only `<archetype>.<task>` (its deltas dropped), UnknownAdapter (the task adapter
+is not registered) the base model alone; the reply is degraded with the reason, and the failure is retried
+after registry_retry_s. Then tier_scheduler.adapters.choose_stack keeps the best resident stack (dropping
+the NPC delta, then the subfaction delta, then down to the base model); with `load_registered`, resolved
+adapters that are registered but not resident are loaded into the worker in the background (from the
+record's path) and used from the turn after their load.
+
+Emotion tag (rule-based, for voice / face, when no chain named one): a keyword lexicon over the reply text
+first; failing a match, the NPC's newest emotion point towards the player (memory's trajectory: valence /
+arousal); failing that "neutral". Bronze: the same lexicon over the bark. Tags: EMOTIONS.
 
 Promotion to Gold also warms the NPC's prompt prefix (persona .. turn window, for the nearest player, on
-the stack its talk would use) in the worker's prefix cache, as a background WARM_PREFIX message (it
-bypasses the queues' Bronze lane, which has no background work wired yet).
+the stack its talk would use, and on its emotional_response stack when its talk would chain) in the
+worker's prefix cache, as a background WARM_PREFIX message (it bypasses the queues' Bronze lane, which has
+no background work wired yet).
 
-Not here yet (see the closing note of the slice): chains (several adapters
-per turn), relationship / quest overrides of tiers, hordes, registry-resolved stacks (stacks are given at
-registration, default `<archetype>.<task>`), the game-facing network protocol.
+Not here yet: the game-facing network protocol (plugin_bindings calls this object in process).
 """
 
 from __future__ import annotations
@@ -52,16 +93,18 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import EllipsisType
 
 import numpy as np
 
 from tier_scheduler import actions, barks, prompts
-from tier_scheduler.adapters import Availability, choose_stack
+from tier_scheduler.adapters import Availability, StackChoice, choose_stack
 from tier_scheduler.config import ARCHETYPES, SchedulerConfig, Tier
+from tier_scheduler.hordes import Horde, cluster_hordes, fan_out
 from tier_scheduler.queues import Outcome, RequestQueues
 from tier_scheduler.queues import Request as QueuedRequest
-from tier_scheduler.tiers import TierState, TierUpdate
+from tier_scheduler.tiers import NO_OVERRIDE, TierState, TierUpdate
 
 log = logging.getLogger("npc-scheduler")
 
@@ -77,6 +120,14 @@ _LEXICON: tuple[tuple[str, frozenset[str]], ...] = tuple((tag, frozenset(words.s
 ))
 _WORD = re.compile(r"[a-z']+")
 
+EMOTION_CUE = "My feeling:"  # a chain's step 1 answers " <one of EMOTIONS>" after it
+# Step 1's grammar: one emotion word. Its max_tokens is the longest alternative in bytes: every token is at
+# least one byte, so no tokenization of an alternative can be cut short.
+EMOTION_EBNF = "root ::= " + " | ".join(f'" {tag}"' for tag in EMOTIONS)
+EMOTION_MAX_TOKENS = max(len(f" {tag}".encode()) for tag in EMOTIONS)
+RELATIONSHIP_RANGE = (-100.0, 100.0)  # relationship scores (trust / affinity on the cards)
+STACK_TASKS = ("dialogue_style", "emotional_response", "action_policy")  # the tasks this server runs
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -89,6 +140,19 @@ class ServerConfig:
     bark_seed: int = 0
     warm_on_promotion: bool = True  # prefill a Gold promotion's prompt prefix in the worker (background)
     default_position: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    talk_chain: bool = True  # Gold talks chain emotional_response -> dialogue_style (that stack resident)
+    # Hordes (tier_scheduler.hordes): grid cell and smallest group, fan-out spread and variation.
+    horde_cell_m: float = 8.0
+    horde_min_size: int = 3
+    horde_spread_m: float = 1.5
+    horde_variant_rate: float = 0.15
+    horde_ground_axes: tuple[int, ...] = (0, 1)  # the axes fan-out offsets move along (y-up games: (0, 2))
+    horde_seed: int = 0
+    # Registry-resolved stacks (with a registry): wait for a resolve at most this long; retry a failed one
+    # after registry_retry_s; load registered but not resident adapters into the worker in the background.
+    registry_timeout_s: float = 1.0
+    registry_retry_s: float = 5.0
+    load_registered: bool = True
 
     def __post_init__(self):
         for name in ("talk_temperature", "act_temperature"):
@@ -102,6 +166,18 @@ class ServerConfig:
         if len(self.default_position) != 3:
             raise ValueError(f"ServerConfig.default_position must have 3 coordinates, got "
                              f"{self.default_position!r}")
+        for name in ("horde_cell_m", "registry_timeout_s", "registry_retry_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"ServerConfig.{name} must be a finite number > 0, got {value!r}")
+        if not (isinstance(self.horde_min_size, int) and self.horde_min_size >= 1):
+            raise ValueError(f"ServerConfig.horde_min_size must be an int >= 1, got {self.horde_min_size!r}")
+        if not 0 <= self.horde_variant_rate <= 1 or not self.horde_spread_m >= 0:
+            raise ValueError(f"ServerConfig.horde_variant_rate must be in [0, 1] and horde_spread_m >= 0, "
+                             f"got {self.horde_variant_rate!r}, {self.horde_spread_m!r}")
+        if not self.horde_ground_axes or not set(self.horde_ground_axes) <= {0, 1, 2}:
+            raise ValueError(f"ServerConfig.horde_ground_axes must be axes among 0, 1, 2, got "
+                             f"{self.horde_ground_axes!r}")
 
 
 @dataclass(frozen=True)
@@ -148,31 +224,61 @@ class NpcActor:
     tier: Tier = Tier.BRONZE
     replying: int = 0  # talks in progress (a talk holds the lock: 0 or 1)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    resolved: dict[str, ResolvedStack] = field(default_factory=dict)  # task -> the registry's answer
+
+
+@dataclass(frozen=True)
+class ResolvedStack:
+    """What the registry said of an NPC's stack for a task: the wanted stack (base first), the registered
+    adapters' folders, and why it is not the registry's stack ("" when it is)."""
+
+    wanted: tuple[str, ...]
+    paths: Mapping[str, str]  # registered adapter name -> its PEFT folder
+    reason: str
+    expires: float  # monotonic time to resolve again (inf until a refresh)
+
+
+@dataclass(frozen=True)
+class HordeInfo:
+    horde_id: int
+    leader: str
+    members: tuple[str, ...]  # the leader included, in registration order
+    centroid: tuple[float, ...]
 
 
 class SchedulerServer:
     def __init__(self, config: SchedulerConfig, memory, worker, tokenizer, *,
-                 server_config: ServerConfig | None = None, resident: Collection[str] = ()):
+                 server_config: ServerConfig | None = None, resident: Collection[str] = (), registry=None):
         self.config = config
         self.server_config = server_config or ServerConfig()
         self.memory = memory  # memory.store.MemoryStore
         self.worker = worker  # gpu_worker.client.WorkerClient (connected)
         self.tokenizer = tokenizer  # encode(text) / decode(ids); the worker's model's tokenizer
+        self.registry = registry  # gpu_worker.lora.registry.AdapterRegistry, or None
         self.pieces = prompts.PieceTokenizer(tokenizer)
         self.queues = RequestQueues(config)
         self.tiers = TierState(config, 0)
         self.barks = barks.BarkDecks(self.server_config.bark_seed)
         self._resident = set(resident)
+        self._failed: dict[str, float] = {}  # adapter -> monotonic time until which its failed load counts
+        self._loading: set[str] = set()
         self._actors: dict[str, NpcActor] = {}
-        self._ids: list[str] = []  # row -> NPC id, the order of TierState and _positions
+        self._ids: list[str] = []  # row -> NPC id, the order of TierState and the arrays below
         self._row: dict[str, int] = {}
         self._positions = np.zeros((0, 3), dtype=np.float64)
+        self._forced = np.zeros(0, dtype=np.int8)  # quest floor tier per row, NO_OVERRIDE for none
+        self._relationship = np.zeros(0, dtype=np.float64)  # relationship score per row, NaN for none
+        self._zombie = np.zeros(0, dtype=bool)
+        self._hordes: dict[int, HordeInfo] = {}
+        self._horde_of: dict[str, int] = {}  # member id -> horde id
+        self._ticks = 0
         self._seq = itertools.count()
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self.counters = dict.fromkeys(("talks", "acts", "barks", "degraded", "shed", "invalid_actions",
-                                       "worker_errors", "prefetches", "warmed"), 0)
+                                       "worker_errors", "prefetches", "warmed", "worker_requests",
+                                       "talk_chains", "horde_acts", "stack_resolves", "adapter_loads"), 0)
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -193,7 +299,10 @@ class SchedulerServer:
 
     def mark_resident(self, names: Iterable[str], resident: bool = True) -> None:
         """Adapters the worker holds (loaded at its start or by load_adapter): only those are used."""
+        names = set(names)
         (self._resident.update if resident else self._resident.difference_update)(names)
+        for name in names:
+            self._failed.pop(name, None)
 
     # ------------------------------------------------------------------------------------ registry
 
@@ -218,7 +327,14 @@ class SchedulerServer:
         self._row[npc_id] = len(self._ids)
         self._ids.append(npc_id)
         self._positions = np.vstack([self._positions, pos[None]])
+        self._forced = np.append(self._forced, np.int8(NO_OVERRIDE))
+        self._relationship = np.append(self._relationship, np.nan)
+        self._zombie = np.append(self._zombie, archetype == "zombie")
         self.tiers.resize(None, added=1)
+        if self.registry is not None:
+            with contextlib.suppress(RuntimeError):  # no running loop: its first turn resolves them
+                asyncio.get_running_loop()
+                self._spawn(self._resolve_all(actor))
         return actor
 
     def despawn(self, npc_ids: Iterable[str]) -> None:
@@ -229,11 +345,15 @@ class SchedulerServer:
         keep = np.array([row for row, npc_id in enumerate(self._ids) if npc_id not in gone], dtype=np.int64)
         self.tiers.resize(keep)
         self._positions = self._positions[keep]
+        self._forced = self._forced[keep]
+        self._relationship = self._relationship[keep]
+        self._zombie = self._zombie[keep]
         self._ids = [self._ids[row] for row in keep]
         self._row = {npc_id: row for row, npc_id in enumerate(self._ids)}
         for npc_id in gone:
             del self._actors[npc_id]
             self.barks.forget(npc_id)
+        self._forget_horde_members(gone)
 
     def update_positions(self, npc_ids: Sequence[str], positions: np.ndarray) -> None:
         """Bulk position update: positions float [len(npc_ids), 3] in meters."""
@@ -254,18 +374,52 @@ class SchedulerServer:
             raise KeyError(f"NPC {npc_id!r} is not registered")
         return actor
 
+    # ------------------------------------------------------------------------------------ overrides
+
+    def set_override(self, npc_id: str, *, forced: Tier | str | None | EllipsisType = ...,
+                     relationship: float | None | EllipsisType = ...) -> None:
+        """Tier floors of an NPC from the game (see the module doc), applied from the next tick.
+
+        forced: a quest flag, the tier the NPC keeps at least (a Tier or "gold" / "silver" / "bronze");
+        relationship: its relationship score in [-100, 100] (>= SchedulerConfig.keep_silver_score keeps it
+        at least Silver). None clears one; leaving an argument out keeps its current value. KeyError for an
+        unregistered NPC, ValueError for a bad value (then nothing changes)."""
+        row = self._row.get(npc_id)
+        if row is None:
+            raise KeyError(f"set_override: NPC {npc_id!r} is not registered")
+        tier = None if forced is ... else _parse_forced(forced)
+        score = None if relationship is ... else _parse_relationship(relationship)
+        if tier is not None:
+            self._forced[row] = tier
+        if score is not None:
+            self._relationship[row] = score
+
+    def override(self, npc_id: str) -> tuple[Tier | None, float | None]:
+        """(forced tier, relationship score) set for the NPC; None where none is set."""
+        row = self._row.get(npc_id)
+        if row is None:
+            raise KeyError(f"override: NPC {npc_id!r} is not registered")
+        forced, score = int(self._forced[row]), float(self._relationship[row])
+        return (None if forced == NO_OVERRIDE else Tier(forced)), (None if math.isnan(score) else score)
+
     # ----------------------------------------------------------------------------------------- tick
 
     async def tick(self, players: Mapping[str, Sequence[float]]) -> TierUpdate:
-        """Re-tiers every NPC from the players' positions ({player_id: (x, y, z)}); NPCs promoted to Gold
-        get their memory of the nearest player prefetched (one pipelined round trip for all of them)."""
+        """Re-tiers every NPC from the players' positions ({player_id: (x, y, z)}) and the overrides set
+        (set_override); NPCs promoted to Gold get their memory of the nearest player prefetched (one
+        pipelined round trip for all of them); the zombies are clustered into hordes (`hordes()`)."""
         player_ids = list(players)
         player_pos = np.asarray([players[p] for p in player_ids], dtype=np.float64).reshape(-1, 3)
         replying = np.fromiter((self._actors[i].replying > 0 for i in self._ids), dtype=bool,
                                count=len(self._ids))
-        update = self.tiers.tick(self._positions, player_pos, replying=replying)
+        forced = self._forced if (self._forced != NO_OVERRIDE).any() else None
+        relationship = self._relationship if (~np.isnan(self._relationship)).any() else None
+        update = self.tiers.tick(self._positions, player_pos, forced=forced, relationship=relationship,
+                                 replying=replying)
         for row in np.concatenate([update.promoted, update.demoted]):
             self._actors[self._ids[row]].tier = Tier(int(update.tiers[row]))
+        self._ticks += 1
+        self._cluster_hordes()
         if len(update.promoted_gold) and player_ids:
             await self._prefetch_promoted(update.promoted_gold, player_ids, player_pos)
         return update
@@ -282,30 +436,109 @@ class SchedulerServer:
             log.exception("prefetch of %d promoted NPCs failed", len(pairs))
             return
         if self.server_config.warm_on_promotion:
-            # In the background: a tick must not wait for prefills. The player's first turn then finds
-            # persona .. turn window of its own stack in the worker's prefix cache.
+            # In the background: a tick must not wait for prefills (nor for stack resolves). The player's
+            # first turn then finds persona .. turn window of its own stacks in the worker's prefix cache.
             # .get: an NPC may have been despawned while the prefetch was awaited.
-            actors = [(self._actors.get(npc_id), c) for (npc_id, _), c in zip(pairs, contexts)]
-            prefixes = [self._warm_prefix(actor, c) for actor, c in actors if actor is not None]
-            if prefixes:
-                self._spawn(self._warm(prefixes))
+            actors = [(actor, c) for (npc_id, _), c in zip(pairs, contexts)
+                      if (actor := self._actors.get(npc_id)) is not None]
+            if actors:
+                self._spawn(self._warm(actors))
 
-    def _warm_prefix(self, actor: NpcActor, context) -> tuple[list[int], tuple[str, ...]]:
-        """The talk prompt up to the turn window (new_input None) and the stack a talk would use now."""
+    async def _warm_prefixes(self, actor: NpcActor, context) -> list[tuple[list[int], tuple[str, ...]]]:
+        """The talk prompt up to the turn window (new_input None) on each stack a Gold talk would use now
+        (dialogue_style, and emotional_response when it would chain)."""
         prompt = prompts.build_from_context(
             self.config, Tier.GOLD, "talk", context, persona=prompts.PERSONAS[actor.archetype],
             identity=prompts.render_identity(actor.name, actor.archetype, actor.subfaction), new_input=None,
             facts=context.facts[:self.memory.config.prompt_facts])
-        choice = choose_stack(self._stack(actor, "dialogue_style"), Availability(resident=self._resident))
-        return self.pieces.encode(prompt), choice.adapters
+        ids = self.pieces.encode(prompt)
+        stacks = [(await self._choose(actor, "dialogue_style")).adapters]
+        emotional = await self._chain_choice(actor, Tier.GOLD)
+        if emotional is not None:
+            stacks.append(emotional.adapters)
+        return [(ids, stack) for stack in stacks]
 
-    async def _warm(self, prefixes: list[tuple[list[int], tuple[str, ...]]]) -> None:
+    async def _warm(self, actors: list[tuple[NpcActor, object]]) -> None:
         try:
+            prefixes = [p for actor, context in actors for p in await self._warm_prefixes(actor, context)]
             await self.worker.warm_prefix(prefixes, timeout_s=self.server_config.worker_timeout_s)
-            self.counters["warmed"] += len(prefixes)
+            self.counters["warmed"] += len(actors)
         except Exception as e:  # only a cache miss later: log, never fail
             self.counters["worker_errors"] += 1
-            log.warning("prefix warm-up of %d NPCs failed: %s", len(prefixes), e)
+            log.warning("prefix warm-up of %d NPCs failed: %s", len(actors), e)
+
+    # --------------------------------------------------------------------------------------- hordes
+
+    def _cluster_hordes(self) -> None:
+        """The zombies' hordes of this tick (see the module doc)."""
+        rows = np.flatnonzero(self._zombie)
+        sc = self.server_config
+        found = cluster_hordes(self._positions[rows], sc.horde_cell_m, sc.horde_min_size).hordes
+        self._hordes, self._horde_of = {}, {}
+        if not found:
+            return
+        zombie_ids = [self._ids[row] for row in rows.tolist()]
+        for horde in found:
+            members = tuple(map(zombie_ids.__getitem__, horde.members.tolist()))
+            self._hordes[horde.horde_id] = HordeInfo(horde.horde_id, zombie_ids[horde.leader], members,
+                                                     tuple(horde.centroid.tolist()))
+            self._horde_of.update(dict.fromkeys(members, horde.horde_id))
+
+    def _forget_horde_members(self, gone: set[str]) -> None:
+        """Despawned members leave their horde; a horde without its leader dissolves until the next tick."""
+        for horde_id in {self._horde_of[npc_id] for npc_id in gone if npc_id in self._horde_of}:
+            info = self._hordes.pop(horde_id)
+            members = tuple(m for m in info.members if m not in gone)
+            for member in info.members:
+                self._horde_of.pop(member, None)
+            if info.leader not in gone:
+                self._hordes[horde_id] = replace(info, members=members)
+                self._horde_of.update(dict.fromkeys(members, horde_id))
+
+    def hordes(self) -> dict[int, tuple[str, tuple[str, ...]]]:
+        """The last tick's hordes: horde id -> (leader id, member ids, the leader included). Ids hold until
+        the next tick (a tick re-clusters from the positions and numbers them again)."""
+        return {horde_id: (info.leader, info.members) for horde_id, info in self._hordes.items()}
+
+    def horde_of(self, npc_id: str) -> int | None:
+        """The horde id of a zombie in a horde at the last tick; None for an NPC that acts alone."""
+        return self._horde_of.get(npc_id)
+
+    async def act_horde(self, leader_or_horde_id: str | int,
+                        context: ActContext | Mapping) -> dict[str, ActResult]:
+        """ONE action_policy decision for the horde's leader, fanned out to every member (see the module
+        doc): {member id: ActResult}, the leader included. KeyError for an unknown horde or an NPC in none.
+        Never raises for a bad model output."""
+        info = self._find_horde(leader_or_horde_id)
+        leader = self.actor(info.leader)
+        context = _act_context(context)
+        world = context.world
+        async with leader.lock:
+            self.counters["horde_acts"] += 1
+            if info.leader not in world:
+                reason = f"the horde's leader {info.leader!r} is not in the game state sent"
+                return {m: ActResult(actions.safe_default(m, world), False, reason) for m in info.members}
+            tiers = [self._actors[m].tier for m in info.members if m in self._actors]
+            decision = await self._act_as(leader, min(tiers, default=leader.tier), context, "Bronze horde")
+            sc = self.server_config
+            horde = Horde(info.horde_id, info.members.index(info.leader), np.arange(len(info.members)),
+                          np.asarray(info.centroid))
+            fanned = fan_out(horde, decision.action, info.members, world, seed=sc.horde_seed,
+                             tick=self._ticks, spread_m=sc.horde_spread_m, variant_rate=sc.horde_variant_rate,
+                             ground_axes=sc.horde_ground_axes)
+        return {action.npc_id: ActResult(action, decision.valid, decision.reason, decision.raw)
+                for action in fanned}
+
+    def _find_horde(self, key: str | int) -> HordeInfo:
+        if isinstance(key, str):
+            horde_id = self._horde_of.get(key)
+            if horde_id is None:
+                known = "registered" if key in self._actors else "not registered"
+                raise KeyError(f"act_horde: NPC {key!r} ({known}) is in no horde at the last tick")
+            return self._hordes[horde_id]
+        if isinstance(key, int | np.integer) and not isinstance(key, bool) and int(key) in self._hordes:
+            return self._hordes[int(key)]
+        raise KeyError(f"act_horde: no horde {key!r} at the last tick (hordes: {sorted(self._hordes)})")
 
     # ----------------------------------------------------------------------------------------- talk
 
@@ -351,24 +584,36 @@ class SchedulerServer:
             self.config, tier, "talk", context, persona=prompts.PERSONAS[actor.archetype],
             identity=prompts.render_identity(actor.name, actor.archetype, actor.subfaction), new_input=text,
             facts=context.facts[:self.memory.config.prompt_facts])
-        ids = self.pieces.encode(prompt)
-        choice = choose_stack(self._stack(actor, "dialogue_style"), Availability(resident=self._resident))
+        choice = await self._choose(actor, "dialogue_style")
+        emotional = await self._chain_choice(actor, tier)
         reasons = [r for r in (choice.reason, _memory_reason(context)) if r]
         params = _sampling(self.server_config, self.config.max_new_tokens(tier, "talk"),
                            self.server_config.talk_temperature, stop=("\n",))
-        request = _worker_request(ids, choice.adapters, params, self._request_id(actor, "talk"))
-        stream = await self._enqueue(actor, tier, "talk", request, len(ids))
+        request_id = self._request_id(actor, "talk")
+        if emotional is None:
+            ids = self.pieces.encode(prompt)
+            request = _worker_request(ids, choice.adapters, params, request_id)
+            tokens, last_step = len(ids), 0
+        else:
+            request, tokens = self._talk_chain(prompt, emotional.adapters, choice.adapters, params,
+                                               request_id)
+            last_step = len(request.steps) - 1
+            self.counters["talk_chains"] += 1
+        stream = await self._enqueue(actor, tier, "talk", request, tokens)
         if isinstance(stream, str):  # shed / expired / refused / worker error: answer with a bark
             yield self._bark_result(actor, "alert", stream, tier)
             return
         decoder = StreamDecoder(self.tokenizer)
-        finish = ""
+        finish, feeling = "", []
         try:
             async for delta in stream:
                 if delta.token_id is not None:
-                    chunk = decoder.push(delta.token_id)
-                    if chunk:
-                        yield chunk
+                    if delta.step == last_step:  # only the last step's deltas go to the game
+                        chunk = decoder.push(delta.token_id)
+                        if chunk:
+                            yield chunk
+                    elif delta.step == 0:
+                        feeling.append(delta.token_id)
                 finish = delta.finish_reason or finish
         except Exception as e:  # WorkerLost, an idle timeout, a rejected request
             self.counters["worker_errors"] += 1
@@ -382,8 +627,28 @@ class SchedulerServer:
             yield self._bark_result(actor, "idle", "; ".join([*reasons, "the model returned an empty reply"]),
                                     tier)
             return
-        yield TalkResult(actor.npc_id, reply, emotion_tag(reply, context.emotions), bool(reasons),
-                         "; ".join(reasons), tier.name.lower(), finish_reason=finish)
+        named = self.tokenizer.decode(feeling, skip_special_tokens=True).strip() if feeling else ""
+        emotion = named if named in EMOTIONS else emotion_tag(reply, context.emotions)
+        yield TalkResult(actor.npc_id, reply, emotion, bool(reasons), "; ".join(reasons), tier.name.lower(),
+                         finish_reason=finish)
+
+    def _talk_chain(self, prompt: prompts.Prompt, emotional: tuple[str, ...], dialogue: tuple[str, ...],
+                    params, request_id: str):
+        """(ChainRequest, prompt tokens for the batch budget): step 1 names the emotion on the
+        emotional_response stack, step 2 replies on the dialogue_style stack with it in its prompt."""
+        from gpu_worker.chains import ChainRequest, ChainStep, OutputRef
+        from gpu_worker.grammar import Grammar
+
+        if prompt.pieces[-1] != prompts.TALK_CUE:
+            raise ValueError(f"a talk prompt ends with {prompts.TALK_CUE!r}, got {prompt.pieces[-1]!r}")
+        head = self.pieces.encode(prompt.pieces[:-1]) + list(self.pieces.piece_ids(EMOTION_CUE))
+        tail = [*self.pieces.piece_ids("\n"), *self.pieces.piece_ids(prompts.TALK_CUE)]
+        feel = _sampling(self.server_config, EMOTION_MAX_TOKENS, self.server_config.talk_temperature)
+        chain = ChainRequest([
+            ChainStep(head, emotional, feel, Grammar("ebnf", EMOTION_EBNF)),
+            ChainStep([*head, OutputRef(0), *tail], dialogue, params),
+        ], request_id=request_id)
+        return chain, 2 * len(head) + EMOTION_MAX_TOKENS + len(tail)
 
     def _bark_result(self, actor: NpcActor, situation: str, reason: str, tier: Tier) -> TalkResult:
         bark = self.barks.next(actor.npc_id, actor.archetype, situation)
@@ -406,21 +671,23 @@ class SchedulerServer:
     async def act(self, npc_id: str, context: ActContext | Mapping) -> ActResult:
         """One validated action (see the module doc); never raises for a bad model output."""
         actor = self.actor(npc_id)
-        if not isinstance(context, ActContext):
-            context = ActContext(dict(context["world"]), context.get("situation", "Nothing happens."))
-        world = context.world
+        context = _act_context(context)
         async with actor.lock:
             self.counters["acts"] += 1
-            tier = actor.tier
-            if tier == Tier.BRONZE:
-                return ActResult(actions.safe_default(npc_id, world), False,
-                                 "Bronze NPC: no LLM call on the hot path")
-            raw, why = await self._decode_action(actor, tier, context)
-            if why:
-                return ActResult(actions.safe_default(npc_id, world), False, why, raw)
-            action, reason = actions.action_or_default(npc_id, raw, world)
-            self.counters["invalid_actions"] += bool(reason)
-            return ActResult(action, not reason, reason, raw)
+            return await self._act_as(actor, actor.tier, context, "Bronze NPC")
+
+    async def _act_as(self, actor: NpcActor, tier: Tier, context: ActContext, who: str) -> ActResult:
+        """One decision of `actor` at `tier` (the caller holds its lock)."""
+        world = context.world
+        if tier == Tier.BRONZE:
+            return ActResult(actions.safe_default(actor.npc_id, world), False,
+                             f"{who}: no LLM call on the hot path")
+        raw, why = await self._decode_action(actor, tier, context)
+        if why:
+            return ActResult(actions.safe_default(actor.npc_id, world), False, why, raw)
+        action, reason = actions.action_or_default(actor.npc_id, raw, world)
+        self.counters["invalid_actions"] += bool(reason)
+        return ActResult(action, not reason, reason, raw)
 
     async def _decode_action(self, actor: NpcActor, tier: Tier, context: ActContext) -> tuple[str, str]:
         """(decoded text, "") or ("" or partial text, why there is no usable output)."""
@@ -433,7 +700,7 @@ class SchedulerServer:
             identity=prompts.render_identity(actor.name, actor.archetype, actor.subfaction),
             new_input=context.situation)
         ids = self.pieces.encode(prompt)
-        choice = choose_stack(self._stack(actor, "action_policy"), Availability(resident=self._resident))
+        choice = await self._choose(actor, "action_policy")
         params = _sampling(self.server_config, self.config.max_new_tokens(tier, "act"),
                            self.server_config.act_temperature)
         request = _worker_request(ids, choice.adapters, params, self._request_id(actor, "act"), grammar)
@@ -488,6 +755,7 @@ class SchedulerServer:
                 await self._submit(batch.requests)
 
     async def _submit(self, requests: list[QueuedRequest]) -> None:
+        self.counters["worker_requests"] += len(requests)
         try:
             streams = await self.worker.submit([r.payload[0] for r in requests],
                                                timeout_s=self.server_config.worker_timeout_s)
@@ -511,7 +779,94 @@ class SchedulerServer:
     # ---------------------------------------------------------------------------------------- misc
 
     def _stack(self, actor: NpcActor, task: str) -> tuple[str, ...]:
+        """The stack without a registry: as given at registration, else `<archetype>.<task>`."""
         return actor.stacks.get(task, (f"{actor.archetype}.{task}",))
+
+    async def _choose(self, actor: NpcActor, task: str) -> StackChoice:
+        """The stack a turn of `task` uses now (see the module doc): degraded, with the reasons, when it is
+        not the NPC's whole stack."""
+        failed = {name for name, until in self._failed.items() if until > time.monotonic()}
+        if task in actor.stacks or self.registry is None:
+            return choose_stack(self._stack(actor, task), Availability(self._resident, failed=failed))
+        resolved = actor.resolved.get(task)
+        if resolved is None or resolved.expires <= time.monotonic():
+            resolved = await self._resolve(actor, task)
+        if self.server_config.load_registered:
+            self._load_missing(resolved)
+        choice = choose_stack(resolved.wanted, Availability(self._resident, resolved.paths, failed))
+        if not resolved.reason:
+            return choice
+        reason = "; ".join(r for r in (resolved.reason, choice.reason) if r)
+        return replace(choice, degraded=True, reason=reason)
+
+    async def _chain_choice(self, actor: NpcActor, tier: Tier) -> StackChoice | None:
+        """The emotional_response stack when a talk at `tier` runs as a chain; else None."""
+        if not self.server_config.talk_chain or tier != Tier.GOLD:
+            return None
+        choice = await self._choose(actor, "emotional_response")
+        return None if choice.degraded or not choice.adapters else choice
+
+    async def _resolve(self, actor: NpcActor, task: str) -> ResolvedStack:
+        """Asks the registry for the NPC's stack; never raises (a failure degrades, see the module doc)."""
+        from gpu_worker.lora.registry import UnknownAdapter, UnknownNPC
+
+        self.counters["stack_resolves"] += 1
+        task_adapter = (f"{actor.archetype}.{task}",)
+        retry = time.monotonic() + self.server_config.registry_retry_s
+        try:
+            records = await asyncio.wait_for(self.registry.resolve_stack(actor.npc_id, task),
+                                             self.server_config.registry_timeout_s)
+        except UnknownNPC as e:
+            resolved = ResolvedStack(task_adapter, {}, f"registry: {e}: its deltas were dropped", retry)
+        except UnknownAdapter as e:
+            resolved = ResolvedStack((), {}, f"registry: {e}: base model alone", retry)
+        except Exception as e:  # Redis down, a timeout, inconsistent records: never fail a turn for it
+            why = str(e) or type(e).__name__
+            resolved = ResolvedStack(task_adapter, {}, f"registry unavailable ({why}): deltas dropped", retry)
+        else:
+            resolved = ResolvedStack(tuple(r.name for r in records), {r.name: r.path for r in records}, "",
+                                     math.inf)
+        actor.resolved[task] = resolved
+        return resolved
+
+    async def _resolve_all(self, actor: NpcActor) -> None:
+        tasks = [task for task in STACK_TASKS if task not in actor.stacks]
+        resolved = await asyncio.gather(*(self._resolve(actor, task) for task in tasks))
+        if self.server_config.load_registered:
+            for stack in resolved:
+                self._load_missing(stack)
+
+    async def refresh_stacks(self, npc_ids: Iterable[str] | None = None) -> None:
+        """Resolves the registry stacks of these NPCs (all: None) again, e.g. after new adapter versions or
+        NPC profiles. Without a registry: nothing to do. KeyError for an unregistered NPC."""
+        if self.registry is None:
+            return
+        actors = list(self._actors.values()) if npc_ids is None else [self.actor(i) for i in npc_ids]
+        await asyncio.gather(*(self._resolve_all(actor) for actor in actors))
+
+    def _load_missing(self, resolved: ResolvedStack) -> None:
+        """Loads the stack's registered adapters that the worker lacks, in the background (a turn uses an
+        adapter once it is resident: this one degrades)."""
+        now = time.monotonic()
+        for name, path in resolved.paths.items():
+            if name in self._resident or name in self._loading or self._failed.get(name, 0.0) > now:
+                continue
+            self._loading.add(name)
+            self._spawn(self._load_adapter(name, path))
+
+    async def _load_adapter(self, name: str, path: str) -> None:
+        try:
+            await self.worker.load_adapter(name, path, timeout_s=self.server_config.worker_timeout_s)
+        except Exception as e:  # a bad file, a lost worker: the turns keep degrading, retried later
+            self._failed[name] = time.monotonic() + self.server_config.registry_retry_s
+            self.counters["worker_errors"] += 1
+            log.warning("loading adapter %s from %s failed: %s", name, path, e)
+        else:
+            self._resident.add(name)
+            self._failed.pop(name, None)
+            self.counters["adapter_loads"] += 1
+        finally:
+            self._loading.discard(name)
 
     def _request_id(self, actor: NpcActor, kind: str) -> str:
         # Unique per process (the worker refuses a duplicate in flight); printable ASCII, no spaces.
@@ -569,6 +924,36 @@ def emotion_tag(text: str, emotions: Sequence = ()) -> str:
         if point.valence >= 0.3:
             return "happy"
     return "neutral"
+
+
+def _act_context(context: ActContext | Mapping) -> ActContext:
+    if isinstance(context, ActContext):
+        return context
+    return ActContext(dict(context["world"]), context.get("situation", "Nothing happens."))
+
+
+def _parse_forced(forced: object) -> int:
+    """A quest floor as a tier value (NO_OVERRIDE for None); ValueError names what is accepted."""
+    if forced is None:
+        return NO_OVERRIDE
+    if isinstance(forced, Tier):
+        return int(forced)
+    if isinstance(forced, str) and forced.strip().upper() in Tier.__members__:
+        return int(Tier[forced.strip().upper()])
+    raise ValueError(f"forced: expected a Tier, one of {[t.name.lower() for t in Tier]} or None, "
+                     f"got {forced!r}")
+
+
+def _parse_relationship(score: object) -> float:
+    """A relationship score (NaN for None); ValueError outside [-100, 100] or not a finite number."""
+    if score is None:
+        return math.nan
+    low, high = RELATIONSHIP_RANGE
+    if (isinstance(score, bool) or not isinstance(score, int | float | np.integer | np.floating)
+            or not math.isfinite(score) or not low <= score <= high):
+        raise ValueError(f"relationship: expected a finite score in [{low:g}, {high:g}] or None, "
+                         f"got {score!r}")
+    return float(score)
 
 
 def _memory_reason(context) -> str:
