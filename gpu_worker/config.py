@@ -44,6 +44,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.max_model_len must be >= 2, got {self.max_model_len}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"EngineConfig.device is {self.device!r} but CUDA is not available")
+        from gpu_worker.lora.batch import resolve_kernel
+
+        resolve_kernel(self.lora.kernel, torch.device(self.device))  # fails here, not at the first adapter
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -56,7 +56,7 @@ class ModelRunner:
             decode_context_lens=self._tensor([s.num_computed + 1 for s, _ in decodes], torch.int32)
             if decodes else None)
         if lora is not None:
-            lora.current = self._lora_batch(ordered)
+            lora.current = self._lora_batch(ordered, lora.kernel)
         try:
             hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
         finally:
@@ -66,11 +66,11 @@ class ModelRunner:
             return hidden.new_empty(0, self.model.args.vocab_size), []
         return self.model.compute_logits(hidden[self._tensor(sample_rows)]), samplers
 
-    def _lora_batch(self, ordered: list[tuple[Sequence, int]]) -> LoRABatch | None:
+    def _lora_batch(self, ordered: list[tuple[Sequence, int]], kernel: str) -> LoRABatch | None:
         if not any(s.adapters for s, _ in ordered):  # base-only steps skip the per-token list
             return None
         token_slots = [s.adapter_slots for s, n in ordered for _ in range(n)]
-        return build_lora_batch(token_slots, self.device)
+        return build_lora_batch(token_slots, self.device, kernel)
 
     def _slots(self, block_table: list[int], first: int, n: int) -> list[int]:
         bs = self.block_size

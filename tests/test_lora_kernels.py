@@ -255,6 +255,75 @@ def test_sgmv_hints_match_computed_sizes():
     torch.testing.assert_close(hinted, lora.sgmv_expand_triton(z, B, *segments, y.clone()), atol=0, rtol=0)
 
 
+def pool_case(width, sizes, dtype, gen, in_features=IN_FEATURES, num_slots=12):
+    """The adapter pool's layout (gpu_worker/lora/pool.py): At [S, in, n_sub * R] (the sub-modules' A^T side
+    by side) and Bt_j [S, R, size_j], with the [S, R, in] / [S, out, R] copies the reference reads."""
+    A, _ = make_weights(num_slots, width * len(sizes), dtype, gen, in_features, 1)
+    Bs = [make_weights(num_slots, width, dtype, gen, 1, size)[1] for size in sizes]
+    at = A.transpose(1, 2).contiguous()
+    return at, [B.transpose(1, 2).contiguous() for B in Bs], A, Bs
+
+
+def check_pool_layout(family, x, at, bts, A, Bs, pairs, y, offset):
+    """One fused shrink, then one expand per sub-module into its column slice of y (offset by the earlier
+    sub-modules' widths), as gpu_worker/lora/batch.py runs them; each against the reference."""
+    if family == "bgmv":
+        tok, slot = pairs
+        z = lora.bgmv_shrink_at(x, at, tok, slot)
+    else:
+        tok, slot = segments_to_pairs(*pairs)
+        z = lora.sgmv_shrink_at(x, at, *pairs)
+    assert_z_matches(z, x, A, tok, slot)
+    width = bts[0].shape[1]
+    for j, (bt, B) in enumerate(zip(bts, Bs)):
+        def expand(z, B, y, offset, bt=bt):
+            if family == "bgmv":
+                return lora.bgmv_expand_bt(z, bt, tok, slot, y, offset)
+            return lora.sgmv_expand_bt(z, bt, *pairs, y, offset)
+
+        assert_expand_matches(expand, z[:, j * width:(j + 1) * width], B, tok, slot, y, offset)
+        offset += bt.shape[2]
+
+
+@needs_triton
+@dtypes
+@pytest.mark.parametrize("family", ["bgmv", "sgmv"])
+@pytest.mark.parametrize("width, sizes", [(4, (40,)), (8, (48, 24, 24)), (12, (40, 20, 20)), (16, (56, 56)),
+                                          (64, (40, 16, 16))], ids=["r4", "r8-qkv", "r12-qkv", "r16-gate_up",
+                                                                    "r64-qkv"])
+def test_pool_layout_matches_reference(width, sizes, family, dtype):
+    # Stacks of 1-3 adapters; R = 12 is a width that is not a power of two (a pool capped at rank 12); the
+    # fused z of r64-qkv is 192 wide: three SGMV column tiles, three BGMV rank blocks.
+    gen = torch.Generator().manual_seed(width)
+    at, bts, A, Bs = pool_case(width, sizes, dtype, gen)
+    if family == "bgmv":
+        tok, slot, num_tokens = make_pairs(9, "uniform", 12, gen, max_stack=3)
+        pairs = tok.int(), slot.int()
+    else:
+        *pairs, num_tokens = make_segments(*LAYOUTS["stacked"], "distinct", 12, gen)
+    x = torch.randn(num_tokens, IN_FEATURES, generator=gen).to(dtype)
+    y = fused_output(num_tokens, dtype, gen, out_features=sum(sizes))
+    check_pool_layout(family, x, at, bts, A, Bs, pairs, y, offset=FUSED_EXTRA // 2)
+
+
+def test_bad_pool_layout_args_raise():
+    x, at = torch.zeros(2, 8), torch.zeros(1, 8, 12)
+    pairs = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="want x"):
+        lora.bgmv_shrink_at(x, at.transpose(1, 2), *pairs)
+    with pytest.raises(ValueError, match="unit stride"):
+        lora.bgmv_shrink_at(x, torch.zeros(1, 12, 8).transpose(1, 2), *pairs)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        lora.bgmv_shrink_at(x.half(), at, *pairs)
+    z, bt, y = torch.zeros(1, 4), torch.zeros(1, 4, 16), torch.zeros(2, 20)
+    with pytest.raises(ValueError, match="want z"):
+        lora.bgmv_expand_bt(z, bt.transpose(1, 2), *pairs, y)
+    with pytest.raises(ValueError, match="do not fit"):
+        lora.bgmv_expand_bt(z, bt, *pairs, y, offset=5)
+    with pytest.raises(ValueError, match="float32"):
+        lora.bgmv_expand_bt(z.half(), bt, *pairs, y)
+
+
 def test_reference_matches_vectorized_formula():
     x, A, B, tok, slot, y = bgmv_case(6, "uniform", 8, torch.float32, seed=2, max_stack=3)
     z = lora.lora_shrink_ref(x, A, tok, slot)
@@ -310,6 +379,9 @@ def test_bad_shrink_args_raise():
 # Constexprs of the compile check: the smallest tiles of each kernel, half types (tensor-core dots).
 COMPILE_CONSTEXPRS = {"BLOCK_R": 4, "BLOCK_K": 64, "BLOCK_M": 16, "BLOCK_N": 64, "RANK": 4, "RANK_PAD": 16,
                       "DOT_PRECISION": None, "DOT_IN_FP32": False}
+# Tiles of the pool's layout: a width that is not a power of two (24 padded to 32), the largest row tiles.
+POOL_COMPILE_CONSTEXPRS = {**COMPILE_CONSTEXPRS, "BLOCK_R": 32, "BLOCK_K": 128, "BLOCK_M": 64, "RANK": 24,
+                           "RANK_PAD": 32}
 
 
 def compile_for_hopper():
@@ -320,12 +392,13 @@ def compile_for_hopper():
     from triton.compiler import ASTSource
 
     kernels = lora._kernels()
-    for name in ("bgmv_shrink", "bgmv_expand", "sgmv_shrink", "sgmv_expand"):
-        fn = getattr(kernels, name)
-        # x, A, B, y in bf16, z in fp32, index tensors int32, sizes and strides int32.
-        signature = {p.name: _compile_arg_type(p) for p in fn.params}
-        constexprs = {key: COMPILE_CONSTEXPRS[key] for key, kind in signature.items() if kind == "constexpr"}
-        triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+    for values in (COMPILE_CONSTEXPRS, POOL_COMPILE_CONSTEXPRS):
+        for name in ("bgmv_shrink", "bgmv_expand", "sgmv_shrink", "sgmv_expand"):
+            fn = getattr(kernels, name)
+            # x, A, B, y in bf16, z in fp32, index tensors int32, sizes and strides int32.
+            signature = {p.name: _compile_arg_type(p) for p in fn.params}
+            constexprs = {key: values[key] for key, kind in signature.items() if kind == "constexpr"}
+            triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
 
 
 def _compile_arg_type(param):
@@ -362,6 +435,19 @@ def check_compiled_on_cuda():
                 y = fused_output(num_tokens, dtype, gen, out_features).cuda()
                 check_bgmv(x, A, B, tok.cuda(), slot.cuda(), y, offset=FUSED_EXTRA)
                 check_sgmv(x, A, B, [s.cuda() for s in segments], y, offset=FUSED_EXTRA)
+        # The pool's layout: a fused qkv (q | k | v) and a down_proj, as the engine runs them.
+        for in_features, sizes in [(3584, (3584, 512, 512)), (18944, (3584,))]:
+            for width in (8, 64):
+                at, bts, A, Bs = pool_case(width, sizes, dtype, gen, in_features, num_slots=70)
+                at, A, bts, Bs = at.cuda(), A.cuda(), [b.cuda() for b in bts], [b.cuda() for b in Bs]
+                tok, slot, num_tokens = make_pairs(64, "uniform", 70, gen, max_stack=3)
+                layout = [1, 5, 33, 130, 9], [1, 2, 1, 1, 3]
+                *segments, sgmv_tokens = make_segments(*layout, "uniform", 70, gen)
+                num_tokens = max(num_tokens, sgmv_tokens)
+                x = torch.randn(num_tokens, in_features, generator=gen).to(dtype).cuda()
+                y = fused_output(num_tokens, dtype, gen, sum(sizes)).cuda()
+                check_pool_layout("bgmv", x, at, bts, A, Bs, (tok.cuda(), slot.cuda()), y, FUSED_EXTRA)
+                check_pool_layout("sgmv", x, at, bts, A, Bs, [s.cuda() for s in segments], y, FUSED_EXTRA)
 
 
 @pytest.mark.gpu

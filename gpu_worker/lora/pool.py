@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_worker.kernels.lora import triton_unavailable
 from gpu_worker.lora.adapter import FUSED_OF, MODULES, LoRAAdapter, load_peft_adapter, module_shapes
+from gpu_worker.lora.batch import KERNELS as LORA_KERNELS
 from gpu_worker.model.llama import ModelArgs
 from gpu_worker.request import RequestRejected
 
@@ -35,6 +37,9 @@ class LoRAConfig:
     max_lora_rank: int = 64  # slot width; a larger adapter is rejected
     max_stack: int = 4  # adapters per row
     max_stack_rank: int = 64  # sum of the ranks of a row's stack
+    # How the deltas are added (gpu_worker/lora/batch.py): "auto" (Triton kernels on CUDA when triton is
+    # importable, torch otherwise), "torch", or "triton" (forced; on a CPU only under TRITON_INTERPRET=1).
+    kernel: str = "auto"
 
     def __post_init__(self):
         for name in ("max_loras", "max_cpu_loras", "max_lora_rank", "max_stack", "max_stack_rank"):
@@ -42,6 +47,11 @@ class LoRAConfig:
                 raise ValueError(f"LoRAConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("LoRAConfig.max_cpu_loras must be >= max_loras (every slot has a host copy)")
+        if self.kernel not in LORA_KERNELS:
+            raise ValueError(f"LoRAConfig.kernel must be one of {LORA_KERNELS}, got {self.kernel!r}")
+        reason = triton_unavailable() if self.kernel == "triton" else None
+        if reason is not None:  # the device is checked again when the pool is attached (resolve_kernel)
+            raise ValueError(f"LoRAConfig.kernel='triton': {reason}; use kernel='auto' or 'torch'")
 
 
 class AdapterPool:
@@ -60,6 +70,7 @@ class AdapterPool:
         self.pinned: set[str] = set()
         self.in_use: Counter[str] = Counter()
         self.loading: dict[str, Future] = {}
+        self.kernel = "torch"  # the delta path config.kernel resolved to on this device (set by attach_lora)
         self.failed: dict[str, str] = {}
         self.swaps = 0
         self.current = None  # the running step's LoRABatch (set by the model runner)
