@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import zmq
 
 from gpu_worker.chains import ChainRequest, OutputRef
@@ -493,6 +494,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-mb", type=int, default=256)
     p.add_argument("--max-loras", type=int, default=16)
+    p.add_argument("--lora-kernel", default="auto", choices=["auto", "torch", "triton"],
+                   help="how LoRA deltas are added: auto = Triton kernels on CUDA, torch otherwise")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice, one per core); give a co-located "
+                        "scheduler a core by setting fewer")
     p.add_argument("--transport", default="shm", choices=["shm", "inline"])
     p.add_argument("--drain-timeout", type=float, default=5.0, help="seconds in-flight work may run after "
                    "SIGTERM before it fails")
@@ -500,7 +506,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
-    lora = LoRAConfig(max_loras=args.max_loras, max_cpu_loras=max(64, args.max_loras))
+    lora = LoRAConfig(max_loras=args.max_loras, max_cpu_loras=max(64, args.max_loras),
+                      kernel=args.lora_kernel)
     engine = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                           max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                           kv_cache_bytes=args.kv_cache_mb << 20, lora=lora)
@@ -511,6 +518,10 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 def serve_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         config = config_from_args(args)
         worker = Worker(config)
     except (ValueError, OSError, zmq.ZMQError) as e:
