@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
+# The engine alone (a few batches, adapters, a chain, a grammar), then a region of 500 NPCs for 60 s through
+# npc-worker + scheduler + memory + npc-archiver (tier_scheduler/region.py; plot in .run/region-latency.png).
 demo: setup
-	@$(SERVICES) run -- $(PY) -m gpu_worker.demo
+	@$(SERVICES) run -- /bin/bash -c '$(PY) -m gpu_worker.demo && $(PY) -m tier_scheduler.region'
 
 test: setup
 	@$(SERVICES) run -- $(PY) -m pytest $(PYTEST_ARGS)
