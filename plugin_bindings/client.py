@@ -1,10 +1,10 @@
 """The game engine's Python client of the scheduler: asyncio (AsyncGameClient) and blocking (GameClient).
 
-NOT YET NETWORKED: the game-facing protocol of the scheduler (ZeroMQ, documented beside ipc/PROTOCOL.md)
-is not built yet. For now both clients call a SchedulerServer in the same process: AsyncGameClient wraps
-one on the caller's event loop; GameClient runs one on an event loop in a background thread, built there
-by the caller's async factory (its Redis and worker clients must live on that loop). The method names and
-results are those the networked client will keep.
+In process: both clients here call a SchedulerServer in the caller's process (tests, tools, a game server
+written in Python that hosts the scheduler itself). AsyncGameClient wraps one on the caller's event loop;
+GameClient runs one on an event loop in a background thread, built there by the caller's async factory (its
+Redis and worker clients must live on that loop). Over the network, plugin_bindings/remote.py has the same
+methods (AsyncRemoteGameClient / RemoteGameClient) speaking ipc/GAME_PROTOCOL.md to `npc-scheduler serve`.
 
     async with AsyncGameClient(server) as game:
         game.register_npc("npc-7", "vampire", "nosferatu", position=(0, 0, 0))

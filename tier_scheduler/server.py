@@ -368,6 +368,11 @@ class SchedulerServer:
             raise KeyError(f"update_positions: NPC {e.args[0]!r} is not registered") from None
         self._positions[rows] = positions
 
+    def npc_ids(self) -> tuple[str, ...]:
+        """Registered NPC ids in row order: row i of a TierUpdate (tiers, promoted_gold ...) is npc_ids()[i],
+        until the next register_npc or despawn."""
+        return tuple(self._ids)
+
     def actor(self, npc_id: str) -> NpcActor:
         actor = self._actors.get(npc_id)
         if actor is None:

@@ -345,7 +345,7 @@ class GameService:
             self._require_npcs(f["npc_ids"])
             self.server.update_positions(f["npc_ids"], f["npc_positions"])
         players = {p: tuple(float(x) for x in row) for p, row in zip(f["players"], f["player_positions"])}
-        ids = list(self.server._ids)  # row -> NPC id of the TierUpdate: tick re-tiers before its first await
+        ids = self.server.npc_ids()  # row -> NPC id of the TierUpdate: tick re-tiers before its first await
         update = await self.server.tick(players)
         return tick_to_wire(update, ids)
 
