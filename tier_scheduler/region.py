@@ -9,12 +9,20 @@
         report = await run_region(stack.client, config, count_tokens=stack.count_tokens)
 
     python -m tier_scheduler.region [--duration 60] [--npcs 500] [--players 4] [--plot PATH]
+    python -m tier_scheduler.region --inprocess                         # the scheduler in this process
     python -m tier_scheduler.region --remote ipc:///path/sched.sock     # a running `npc-scheduler serve`
+
+`make demo` (run_local, LocalStack) starts the worker, the scheduler and the archiver with their embedded
+defaults, each a process of its own as deployed: `npc-worker serve` (torch threads = cores - 1),
+`npc-scheduler serve` (its SchedulerConfig given with --config; the game reaches it over ipc:// through
+plugin_bindings.remote.AsyncRemoteGameClient) and `npc-archiver`; this process is the game. `--inprocess`
+runs the scheduler here instead (SchedulerServer behind plugin_bindings.AsyncGameClient).
 
 The simulation (`run_region`) only uses the game client's method set (register_npc, update_positions, tick,
 talk, act, event, stats, despawn; a method may be plain or a coroutine), so the same code drives the
 in-process `plugin_bindings.AsyncGameClient` and the networked `plugin_bindings.remote.AsyncRemoteGameClient`
-(`run_remote`; its tick reports the NPCs whose tier changed, by id, which the simulation applies).
+(LocalStack's default and `run_remote`; its tick reports the NPCs whose tier changed, by id, which the
+simulation applies).
 
 The region: `npcs` vampires and zombies (`zombie_fraction`), most of them around lairs (zombie hordes,
 vampire courts), the rest scattered over a `size_m` square; zombies shamble (a random walk). `players`
@@ -32,11 +40,12 @@ request that would exceed it is not started and is counted as `throttled`).
 Measured: per tier and request type the latency (talk: the first chunk, what a player waits for before the
 line starts, and the whole reply; act and event: the call), p50 / p95 / p99; generated tokens (replies and
 actions as delivered, re-tokenized with `count_tokens`) and requests per second; tier counts over time;
-errors (an exception out of a client call, a request past `request_timeout_s`, and the server's
-`worker_errors` counter: a lost worker, a refused batch, a failed prefix warm-up: all must be 0 in a healthy
-run); degraded replies (a bark instead of the LLM, a smaller adapter stack, no memory) and actions that
-never reached a decision (shed, expired, decoding cut short), each with its reasons aggregated; actions the
-validator rejected (the random model's action out of range, wrong target...: the safe default was used).
+errors (an exception out of a client call, a request past `request_timeout_s`, the server's
+`worker_errors` counter: a lost worker, a refused batch, a failed prefix warm-up, and a scheduler subprocess
+that does not exit 0 on SIGTERM: all must be 0 in a healthy run); degraded replies (a bark instead of the
+LLM, a smaller adapter stack, no memory) and actions that never reached a decision (shed, expired, decoding
+cut short), each with its reasons aggregated; actions the validator rejected (the random model's action out
+of range, wrong target...: the safe default was used).
 """
 
 from __future__ import annotations
@@ -613,19 +622,43 @@ def prepare_demo_model() -> tuple[Path, Path]:
     return model, folder
 
 
-class LocalStack:
-    """npc-worker subprocess + SchedulerServer (in process, behind AsyncGameClient) + MemoryStore on Redis
-    + optionally npc-archiver (a subprocess) into PostgreSQL, all on this host, torn down on exit.
+SCHEDULER_MODES = ("process", "inprocess")
 
-    Attributes once entered: client (AsyncGameClient), server, worker (WorkerClient), memory, tokenizer.
-    On exit: the archiver is given up to `archive_drain_s` to empty the outbox, then stopped; `archived`
-    holds its stats (and `archived_rows`, the rows in <schema>.events); with `cleanup` the Redis keys of the
-    prefix are deleted and the archive schema dropped."""
+
+class LocalStack:
+    """The whole stack on this host, torn down on exit: an npc-worker subprocess, the scheduler, memory on
+    Redis and optionally npc-archiver (a subprocess) into PostgreSQL, in a 0700 temp folder of its own.
+
+    scheduler="process" (the default: `make demo`, bench.region): an `npc-scheduler serve` subprocess on
+    ipc://<folder>/scheduler.sock, given scheduler_config / server_config as a `--config` JSON file (the
+    fields that differ from the defaults), its stderr in <log_dir>/region-scheduler.log, driven through
+    plugin_bindings.remote.AsyncRemoteGameClient: game, scheduler and worker are three processes, as when
+    deployed. scheduler="inprocess": SchedulerServer in this process behind plugin_bindings.AsyncGameClient,
+    with its WorkerClient and MemoryStore here (tests reach into its state and counters).
+
+    Attributes once entered: client (the game client), tokenizer, worker_ready; process: scheduler_proc,
+    scheduler_ready, scheduler_endpoint; inprocess: server, worker (WorkerClient), memory.
+    On exit, in this order: the client says GOODBYE (inprocess: the server closes); the scheduler gets
+    SIGTERM, drains and exits (`scheduler_exit`: its exit code, 0 when clean); the worker is stopped; the
+    archiver is given up to `archive_drain_s` to empty the outbox, then stopped (`archived`: its stats,
+    `archived_rows`: the rows in <schema>.events); with `cleanup` the Redis keys of the prefix are deleted
+    and the archive schema dropped."""
 
     def __init__(self, model_dir: str | Path, adapters_dir: str | Path, memory_config, *,
                  archive_schema: str | None = None, cleanup: bool = True, scheduler_config=None,
                  server_config=None, heartbeat_timeout_s: float = 5.0, archive_drain_s: float = 20.0,
-                 log_dir: str | Path | None = None, worker_threads: int | None = None):
+                 log_dir: str | Path | None = None, worker_threads: int | None = None,
+                 scheduler: str = "process", max_in_flight: int = 256, scheduler_drain_s: float = 20.0):
+        if scheduler not in SCHEDULER_MODES:
+            raise ValueError(f"scheduler must be one of {SCHEDULER_MODES}, got {scheduler!r}")
+        if scheduler == "process":
+            from memory.config import MemoryConfig
+
+            given = replace(MemoryConfig(), key_prefix=memory_config.key_prefix,
+                            cold_restore=memory_config.cold_restore)
+            if memory_config != given:  # npc-scheduler serve takes --key-prefix and --no-cold-restore only
+                raise ValueError("scheduler='process' passes only key_prefix and cold_restore of the "
+                                 "MemoryConfig to npc-scheduler serve: use scheduler='inprocess' for others")
         self.model_dir, self.adapters_dir = Path(model_dir), Path(adapters_dir)
         self.memory_config = memory_config
         self.archive_schema = archive_schema
@@ -635,13 +668,18 @@ class LocalStack:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.archive_drain_s = archive_drain_s
         self.log_dir = Path(log_dir) if log_dir else None
-        # torch threads of the worker: all cores but one, which this process (the scheduler) needs. Two
-        # processes whose threads together exceed the cores make torch's spinning threads 5-20x slower.
+        self.scheduler = scheduler
+        self.max_in_flight = max_in_flight  # process: the scheduler's bound on one client's requests
+        self.scheduler_drain_s = scheduler_drain_s
+        # torch threads of the worker (npc-worker serve --threads): all cores but one. The last core is left
+        # to the scheduler and the game (here: this process; with scheduler="process" two processes, each
+        # one asyncio thread mostly waiting on sockets), Redis and the archiver. Processes whose threads
+        # together exceed the cores make torch's spinning threads 5-20x slower.
         self.worker_threads = worker_threads or max(1, (os.cpu_count() or 2) - 1)
         self.archived: dict = {}
         self.archived_rows: int | None = None
+        self.scheduler_exit: int | None = None
         self._procs: list[subprocess.Popen] = []
-        self._exit = contextlib.AsyncExitStack()
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False)) if text else 0
@@ -657,42 +695,105 @@ class LocalStack:
     async def _start(self) -> None:
         from transformers import AutoTokenizer
 
-        from gpu_worker.client import ClientConfig, WorkerClient
-        from memory.store import MemoryStore, connect
-        from plugin_bindings.client import AsyncGameClient
-        from tier_scheduler.config import SchedulerConfig
-        from tier_scheduler.server import SchedulerServer
+        from memory.store import connect
 
         self._folder = tempfile.mkdtemp(prefix="npc-region-")
         os.chmod(self._folder, 0o700)
-        endpoint = f"ipc://{self._folder}/worker.sock"
-        self.worker_proc = await asyncio.to_thread(self._start_worker, endpoint)
+        self.worker_endpoint = f"ipc://{self._folder}/worker.sock"
+        self.worker_proc = await asyncio.to_thread(self._start_worker, self.worker_endpoint)
         if self.archive_schema:
             self.archiver_proc = self._start_archiver()
+        if self.scheduler == "process":
+            self.scheduler_proc = self._spawn_scheduler()  # starts while this process loads its tokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        self.redis = connect(config=self.memory_config)
-        self.memory = MemoryStore(self.redis, self.memory_config)
-        config = ClientConfig(heartbeat_timeout_s=self.heartbeat_timeout_s)
-        self.worker = WorkerClient(endpoint, config=config)
-        await self.worker.connect()
-        resident = [p.name for p in self.adapters_dir.iterdir() if (p / "adapter_config.json").is_file()]
-        kwargs = {"server_config": self.server_config} if self.server_config else {}
-        self.server = SchedulerServer(self.scheduler_config or SchedulerConfig(), self.memory, self.worker,
-                                      self.tokenizer, resident=resident, **kwargs)
-        self.client = AsyncGameClient(self.server)
+        self.redis = connect(config=self.memory_config)  # archiver drain, cleanup (inprocess: memory)
+        if self.scheduler == "process":
+            from plugin_bindings.remote import AsyncRemoteGameClient
+
+            self.scheduler_ready = await asyncio.to_thread(self._scheduler_ready_line)
+            self.client = AsyncRemoteGameClient(self.scheduler_endpoint, timeout_s=60.0)
+        else:
+            from gpu_worker.client import ClientConfig, WorkerClient
+            from memory.store import MemoryStore
+            from plugin_bindings.client import AsyncGameClient
+            from tier_scheduler.config import SchedulerConfig
+            from tier_scheduler.server import SchedulerServer
+
+            self.memory = MemoryStore(self.redis, self.memory_config)
+            config = ClientConfig(heartbeat_timeout_s=self.heartbeat_timeout_s)
+            self.worker = WorkerClient(self.worker_endpoint, config=config)
+            await self.worker.connect()
+            kwargs = {"server_config": self.server_config} if self.server_config else {}
+            self.server = SchedulerServer(self.scheduler_config or SchedulerConfig(), self.memory,
+                                          self.worker, self.tokenizer, resident=self._adapter_names(),
+                                          **kwargs)
+            self.client = AsyncGameClient(self.server)
         await self.client.__aenter__()
+
+    def _adapter_names(self) -> list[str]:
+        return sorted(p.name for p in self.adapters_dir.iterdir() if (p / "adapter_config.json").is_file())
 
     def _start_worker(self, endpoint: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "gpu_worker.worker", "serve", "--model", str(self.model_dir),
-               "--endpoint", endpoint, "--adapters-dir", str(self.adapters_dir), "--log-level", "WARNING"]
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.worker_threads)}
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True, env=env)
+               "--endpoint", endpoint, "--adapters-dir", str(self.adapters_dir), "--log-level", "WARNING",
+               "--threads", str(self.worker_threads)]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
         self._procs.append(proc)
         line = proc.stdout.readline()  # "npc-worker ready <endpoint> adapters=[...]" once it serves
         if not line.startswith("npc-worker ready"):
             raise RuntimeError(f"npc-worker did not start (exit code {proc.poll()}): {line!r}")
         self.worker_ready = line.strip()
         return proc
+
+    def scheduler_settings(self) -> dict:
+        """The `--config` JSON of the scheduler subprocess: the SchedulerConfig and ServerConfig fields that
+        differ from their defaults."""
+        from tier_scheduler.config import SchedulerConfig
+        from tier_scheduler.server import ServerConfig
+
+        out = {}
+        for config, default in ((self.scheduler_config, SchedulerConfig()),
+                                (self.server_config, ServerConfig())):
+            for f in fields(default) if config is not None else ():
+                if getattr(config, f.name) != getattr(default, f.name):
+                    out[f.name] = getattr(config, f.name)
+        return out
+
+    def _spawn_scheduler(self) -> subprocess.Popen:
+        from memory.services import redis_url
+
+        folder = Path(self._folder)
+        (folder / "scheduler.json").write_text(json.dumps(self.scheduler_settings(), indent=1) + "\n")
+        self.scheduler_endpoint = f"ipc://{folder}/scheduler.sock"
+        cmd = [sys.executable, "-m", "tier_scheduler.service", "serve", "--worker", self.worker_endpoint,
+               "--endpoint", self.scheduler_endpoint, "--model", str(self.model_dir),
+               "--redis-url", redis_url(), "--key-prefix", self.memory_config.key_prefix,
+               "--config", str(folder / "scheduler.json"), "--max-in-flight", str(self.max_in_flight),
+               "--drain-timeout", f"{self.scheduler_drain_s:g}",
+               "--worker-heartbeat-timeout", f"{self.heartbeat_timeout_s:g}", "--log-level", "INFO",
+               "--adapters", *self._adapter_names()]
+        if not self.memory_config.cold_restore:
+            cmd.append("--no-cold-restore")
+        self.scheduler_log = (self.log_dir or folder) / "region-scheduler.log"
+        # One asyncio thread does the scheduler's work: no library thread pools beside it (its tokenizer
+        # imports torch).
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        with open(self.scheduler_log, "w") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        self._procs.append(proc)
+        return proc
+
+    def _scheduler_ready_line(self) -> str:
+        proc = self.scheduler_proc
+        line = proc.stdout.readline()  # "npc-scheduler ready <endpoint> resident=[...]" once it serves
+        if not line.startswith("npc-scheduler ready"):
+            with contextlib.suppress(OSError):
+                proc.wait(5)
+            tail = ""
+            with contextlib.suppress(OSError):
+                tail = " | ".join(self.scheduler_log.read_text().strip().splitlines()[-3:])
+            raise RuntimeError(f"npc-scheduler did not start (exit code {proc.poll()}): {line!r} {tail}")
+        return line.strip()
 
     def _start_archiver(self) -> subprocess.Popen:
         from memory.services import database_url, redis_url
@@ -712,12 +813,17 @@ class LocalStack:
     async def __aexit__(self, *exc) -> None:
         with contextlib.suppress(Exception):
             if getattr(self, "client", None) is not None:
-                await self.client.__aexit__(None, None, None)
+                await self.client.__aexit__(None, None, None)  # remote: GOODBYE; inprocess: server.close()
+        if getattr(self, "scheduler_proc", None) is not None:  # SIGTERM: it drains, closes, exits 0
+            self.scheduler_exit = await asyncio.to_thread(_stop_process, self.scheduler_proc,
+                                                          self.scheduler_drain_s + 15)
         if getattr(self, "memory", None) is not None:
             await self.memory.aclose()
         if getattr(self, "worker", None) is not None:
             with contextlib.suppress(Exception):
                 await self.worker.close()
+        if getattr(self, "worker_proc", None) is not None:
+            await asyncio.to_thread(_stop_process, self.worker_proc)
         if getattr(self, "archiver_proc", None) is not None and getattr(self, "redis", None) is not None:
             await self._stop_archiver()
         if getattr(self, "redis", None) is not None:
@@ -728,7 +834,7 @@ class LocalStack:
                     for chunk in range(0, len(keys), 1000):
                         await self.redis.delete(*keys[chunk:chunk + 1000])
             await self.redis.aclose()
-        for proc in self._procs:
+        for proc in self._procs:  # whatever is left (a start that failed half-way)
             await asyncio.to_thread(_stop_process, proc)
         if getattr(self, "_folder", None):
             shutil.rmtree(self._folder, ignore_errors=True)
@@ -774,14 +880,19 @@ class LocalStack:
             await conn.close()
 
 
-def _stop_process(proc: subprocess.Popen) -> None:
+def _stop_process(proc: subprocess.Popen, wait_s: float = 10.0) -> int | None:
+    """SIGTERM, then SIGKILL after wait_s; its exit code (None: it could not be reaped)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(10)
+            proc.wait(wait_s)
         except subprocess.TimeoutExpired:
             proc.kill()
-    proc.wait(10)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+    if proc.stdout is not None:
+        proc.stdout.close()
+    return proc.returncode
 
 
 def run_names() -> tuple[str, str]:
@@ -800,8 +911,10 @@ def demo_scheduler_config():
 
 
 async def run_local(config: RegionConfig, *, archive: bool = True, cleanup: bool = True,
+                    scheduler: str = "process", worker_threads: int | None = None,
                     say: Callable[[str], None] = print) -> tuple[RegionReport, LocalStack]:
-    """The whole stack on this host with the demo model: worker, scheduler, memory, archiver; the region."""
+    """The whole stack on this host with the demo model: worker, scheduler (an `npc-scheduler serve`
+    subprocess, or with scheduler="inprocess" a SchedulerServer here), memory, archiver; the region."""
     from memory.config import MemoryConfig
     from memory.services import resolve_run_dir
 
@@ -809,13 +922,24 @@ async def run_local(config: RegionConfig, *, archive: bool = True, cleanup: bool
     prefix, schema = run_names()
     memory_config = MemoryConfig(key_prefix=prefix, cold_restore=False)  # no npc-restore runs here
     stack = LocalStack(model, adapters, memory_config, archive_schema=schema if archive else None,
-                       cleanup=cleanup, scheduler_config=demo_scheduler_config(), log_dir=resolve_run_dir())
+                       cleanup=cleanup, scheduler_config=demo_scheduler_config(), log_dir=resolve_run_dir(),
+                       scheduler=scheduler, max_in_flight=config.max_inflight + 16,
+                       worker_threads=worker_threads)
     async with stack:
-        say(f"worker: {stack.worker_ready}")
+        say(f"worker: {stack.worker_ready} ({stack.worker_threads} torch threads)")
+        if scheduler == "process":
+            say(f"scheduler: {stack.scheduler_ready} (npc-scheduler serve, --config "
+                f"{json.dumps(stack.scheduler_settings())}; log {stack.scheduler_log})")
+        else:
+            say("scheduler: SchedulerServer in this process (plugin_bindings.AsyncGameClient)")
         say(f"memory: Redis key prefix {prefix}" + (f"; npc-archiver -> PostgreSQL schema {schema}"
                                                     if archive else ""))
         say(f"simulating {config.npcs} NPCs and {config.players} players for {config.duration_s:g} s ...")
         report = await run_region(stack.client, config, count_tokens=stack.count_tokens)
+    if scheduler == "process" and stack.scheduler_exit != 0:  # SIGTERM -> drain -> exit 0
+        report.errors += 1
+        report.error_messages[f"npc-scheduler exited with code {stack.scheduler_exit} on SIGTERM "
+                              f"(see {stack.scheduler_log})"] += 1
     return report, stack
 
 
@@ -873,6 +997,15 @@ def add_region_arguments(parser: argparse.ArgumentParser, duration_s: float) -> 
     parser.add_argument("--remote", metavar="ENDPOINT", default=None,
                         help="drive a running `npc-scheduler serve` at ENDPOINT through the networked client "
                              "instead of starting worker + scheduler + archiver here")
+    parser.add_argument("--inprocess", action="store_true",
+                        help="run the scheduler in this process (SchedulerServer behind AsyncGameClient) "
+                             "instead of an `npc-scheduler serve` subprocess")
+    parser.add_argument("--worker-threads", type=int, default=None,
+                        help="torch threads of the npc-worker subprocess (default: cores - 1, at least 1)")
+
+
+def scheduler_mode(args: argparse.Namespace) -> str:
+    return "inprocess" if args.inprocess else "process"
 
 
 def config_from_args(args: argparse.Namespace, **overrides) -> RegionConfig:
@@ -905,14 +1038,17 @@ def main(argv: list[str] | None = None) -> int:
     from memory.services import resolve_run_dir
 
     config = config_from_args(args)
-    print("== region: npc-worker + scheduler + memory (Redis) + npc-archiver (PostgreSQL), NPCs and players")
+    print("== region: npc-worker + npc-scheduler + memory (Redis) + npc-archiver (PostgreSQL), NPCs and "
+          "players" + (" (the scheduler in this process)" if args.inprocess and not args.remote else ""))
     print(f"NOTE: {RANDOM_WEIGHTS_NOTE}")
     stack = None
     if args.remote:
         report = asyncio.run(run_remote(args.remote, config))
     else:
         with services(print):
-            report, stack = asyncio.run(run_local(config, archive=not args.no_archive, cleanup=not args.keep))
+            report, stack = asyncio.run(run_local(config, archive=not args.no_archive, cleanup=not args.keep,
+                                                  scheduler=scheduler_mode(args),
+                                                  worker_threads=args.worker_threads))
     print(format_report(report))
     if stack is not None and not args.no_archive:
         print(archive_line(stack, args.keep))

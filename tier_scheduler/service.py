@@ -2,7 +2,8 @@
 
     npc-scheduler serve --worker ipc:///run/user/1000/npc-ipc/w0.sock \\
         --endpoint ipc:///run/user/1000/npc-ipc/sched.sock --model /models/qwen2.5-7b-instruct \\
-        [--redis-url redis://...] [--key-prefix npc:mem:] [--adapters vampire.sub.nosferatu ...]
+        [--redis-url redis://...] [--key-prefix npc:mem:] [--adapters vampire.sub.nosferatu ...] \\
+        [--config scheduler.json]
 
 One asyncio process owns one SchedulerServer (tier_scheduler/server.py) on a MemoryStore (Redis) and a
 WorkerClient (the GPU worker), plus a ZeroMQ ROUTER that games connect to with a DEALER
@@ -19,6 +20,14 @@ most `--max-in-flight` per client (beyond: OVERLOADED). A TALK streams TALK_CHUN
 The adapters the worker holds (its STATS: host tier + device slots) are what the server may use; they are
 read at start and every `--adapters-refresh` seconds; `--adapters NAME...` asks the worker to load these
 first (from its adapters folder).
+
+`--config FILE` takes the scheduler's settings from a JSON object whose keys are fields of SchedulerConfig
+(tier_scheduler/config.py: tiers, queues, deadlines, batching, output lengths ...) and of ServerConfig
+(tier_scheduler/server.py: temperatures, worker timeout, chains, hordes ...); a field left out keeps its
+default, lists stand for tuples. An unknown key, a value of the wrong type or one the configs refuse stops
+the process before it connects to anything: one line naming the key on stderr, exit code 2.
+
+    {"gold_act_max_tokens": 64, "silver_act_max_tokens": 64, "talk_temperature": 0.7}
 """
 
 from __future__ import annotations
@@ -26,13 +35,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import difflib
 import inspect
+import json
 import logging
 import os
 import signal
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import zmq
 import zmq.asyncio
@@ -65,7 +77,7 @@ from tier_scheduler.game_wire import (
     talk_result_to_wire,
     tick_to_wire,
 )
-from tier_scheduler.server import EMOTIONS, SchedulerServer, TalkResult
+from tier_scheduler.server import EMOTIONS, SchedulerServer, ServerConfig, TalkResult
 
 log = logging.getLogger("npc-scheduler")
 
@@ -542,11 +554,77 @@ def _curve_keys(args: argparse.Namespace):
         raise StartupError(f"--curve-keys / --curve-allow: {e}") from None
 
 
+def configs_from_mapping(values: Mapping) -> tuple[SchedulerConfig, ServerConfig]:
+    """(SchedulerConfig, ServerConfig) from one flat mapping of their field names (absent: the default).
+    ValueError names the key: unknown, of the wrong type (checked against the default's type: bool, int,
+    number, a list for a tuple), or refused by the config's own checks."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"must be a JSON object of SchedulerConfig / ServerConfig fields, got "
+                         f"{type(values).__name__}")
+    owners = {f.name: (cls, f) for cls in (SchedulerConfig, ServerConfig) for f in dataclasses.fields(cls)}
+    given: dict[type, dict] = {SchedulerConfig: {}, ServerConfig: {}}
+    for key, value in values.items():
+        if key not in owners:
+            close = difflib.get_close_matches(str(key), owners, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            known = " and ".join(
+                f"{cls.__name__} fields ({', '.join(f.name for f in dataclasses.fields(cls))})"
+                for cls in (SchedulerConfig, ServerConfig))
+            raise ValueError(f"unknown key {key!r}{hint}: the keys are {known}")
+        cls, f = owners[key]
+        given[cls][key] = _typed(key, value, f.default)
+    built = []
+    for cls, kwargs in given.items():
+        try:
+            built.append(cls(**kwargs))
+        except (ValueError, TypeError) as e:
+            raise ValueError(str(e)) from None  # the configs' messages name the field (Class.field ...)
+    return built[0], built[1]
+
+
+def _typed(key: str, value, default):
+    """`value` checked against the type of the field's default (JSON has no tuples: a list stands for one)."""
+    def number(v) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, want = number(value), "a number"
+    elif isinstance(default, tuple):
+        kinds = {type(x) for x in default}
+        want = f"a list of {'integers' if kinds == {int} else 'numbers'}"
+        ok = isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) if kinds == {int}
+                                             else number(x) for x in value)
+        if ok:
+            return tuple(value if kinds == {int} else map(float, value))
+    else:
+        ok, want = isinstance(value, type(default)), type(default).__name__
+    if not ok:
+        raise ValueError(f"key {key!r} must be {want}, got {json.dumps(value)}")
+    return float(value) if isinstance(default, float) else value
+
+
+def load_configs(path: str | None) -> tuple[SchedulerConfig, ServerConfig]:
+    """The configs of `--config FILE` (the defaults without one); StartupError names the file and the key."""
+    if path is None:
+        return SchedulerConfig(), ServerConfig()
+    try:
+        with open(path) as f:
+            values = json.load(f)
+        return configs_from_mapping(values)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise StartupError(f"--config {path}: {e}") from None
+
+
 async def serve(args: argparse.Namespace) -> int:
     from gpu_worker.client import ClientConfig, WorkerClient
     from memory.config import MemoryConfig
     from memory.store import MemoryStore, connect
 
+    scheduler_config, server_config = getattr(args, "configs", None) or load_configs(args.config)
     curve = _curve_keys(args)
     tokenizer = load_tokenizer(args.model)
     try:
@@ -569,7 +647,8 @@ async def serve(args: argparse.Namespace) -> int:
             log.warning("Redis at %s does not answer (%s): serving without memory until it does",
                         args.redis_url or "REDIS_URL", e)
         held = await ensure_adapters(worker, args.adapters)
-        server = SchedulerServer(SchedulerConfig(), memory, worker, tokenizer, resident=held)
+        server = SchedulerServer(scheduler_config, memory, worker, tokenizer, server_config=server_config,
+                                 resident=held)
         await server.start()
         service = GameService(server, server_id=args.scheduler_id, max_in_flight=args.max_in_flight)
         try:
@@ -604,6 +683,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    "0700) or tcp://host:port")
     p.add_argument("--model", required=True, help="the worker's model folder (its tokenizer is loaded "
                    "from it)")
+    p.add_argument("--config", default=None, metavar="FILE", help="JSON object of SchedulerConfig and "
+                   "ServerConfig fields (absent: defaults); a bad key or value: exit 2")
     p.add_argument("--redis-url", default=None, help="default: $REDIS_URL, else redis://127.0.0.1:6379/0")
     p.add_argument("--key-prefix", default="npc:mem:", help="prefix of every Redis key of the memory")
     p.add_argument("--no-cold-restore", action="store_true", help="never ask the restore job for archived "
@@ -633,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-in-flight must be >= 1")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        args.configs = load_configs(args.config)  # before anything is connected: a bad file fails at once
         return asyncio.run(serve(args))
     except StartupError as e:
         print(f"npc-scheduler: cannot start: {e}", file=sys.stderr)
