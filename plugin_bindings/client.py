@@ -58,12 +58,25 @@ class AsyncGameClient:
     async def tick(self, players: Mapping[str, Sequence[float]]):
         return await self.server.tick(players)
 
+    def set_override(self, npc_id: str, **fields) -> None:
+        """forced= a tier (name or Tier) or None, relationship= a score or None; a field left out is kept."""
+        self.server.set_override(npc_id, **fields)
+
+    def hordes(self) -> dict[int, tuple[str, tuple[str, ...]]]:
+        """{horde_id: (leader_id, member_ids)} as the last tick clustered the zombies."""
+        return self.server.hordes()
+
     # Requests
     def talk(self, npc_id: str, player_id: str, text: str) -> AsyncIterator[str | TalkResult]:
         return self.server.talk(npc_id, player_id, text)
 
     async def act(self, npc_id: str, context: ActContext | Mapping) -> ActResult:
         return await self.server.act(npc_id, context)
+
+    async def act_horde(self, leader_or_horde_id: str | int, context: ActContext | Mapping
+                        ) -> dict[str, ActResult]:
+        """One decision of the horde's leader, fanned out: {npc_id: ActResult} for every member."""
+        return await self.server.act_horde(leader_or_horde_id, context)
 
     # Memory: events, cards, sessions
     async def event(self, npc_id: str, player_id: str, kind: str, text: str = "", **fields):
@@ -118,6 +131,12 @@ class GameClient:
     def tick(self, players: Mapping[str, Sequence[float]]):
         return self._call(self._client.tick(dict(players)))
 
+    def set_override(self, npc_id: str, **fields) -> None:
+        self._sync(self._client.set_override, npc_id, **fields)
+
+    def hordes(self) -> dict[int, tuple[str, tuple[str, ...]]]:
+        return self._sync(self._client.hordes)
+
     def talk(self, npc_id: str, player_id: str, text: str) -> Iterator[str | TalkResult]:
         """Yields the chunks as they arrive, then the TalkResult."""
         items: queue.Queue = queue.Queue()
@@ -139,6 +158,9 @@ class GameClient:
 
     def act(self, npc_id: str, context: ActContext | Mapping) -> ActResult:
         return self._call(self._client.act(npc_id, context))
+
+    def act_horde(self, leader_or_horde_id: str | int, context: ActContext | Mapping) -> dict[str, ActResult]:
+        return self._call(self._client.act_horde(leader_or_horde_id, context))
 
     def event(self, npc_id: str, player_id: str, kind: str, text: str = "", **fields):
         return self._call(self._client.event(npc_id, player_id, kind, text, **fields))

@@ -71,9 +71,9 @@ def test_region_runs_clean_through_the_real_worker(qwen2_dir, region_adapters, p
 
             stack.worker.submit = spy
             report = await run_region(stack.client, CONFIG, count_tokens=stack.count_tokens)
-            return report, stack.client.stats()["npcs"]
+            return report, stack.client.stats()["npcs"], dict(stack.server.counters)
 
-    report, left = asyncio.run(asyncio.wait_for(go(), 90))
+    report, left, stack_counters = asyncio.run(asyncio.wait_for(go(), 90))
     summary = report.summary()
     assert report.total_errors() == 0, format_report(report)
 
@@ -99,6 +99,11 @@ def test_region_runs_clean_through_the_real_worker(qwen2_dir, region_adapters, p
     talks = [tier for request_id, tier in submitted if request_id.startswith("talk")]
     assert talks and Tier.BRONZE not in talks
     assert len(talks) <= report.requests["gold.talk"] + report.requests["silver.talk"]
+
+    # Zombies of a horde acted as one: one worker request for the leader, an action for every member.
+    horde_acts = sum(n for c, n in report.requests.items() if c.endswith(".horde_act"))
+    assert horde_acts > 0 and report.horde_members >= 3 * horde_acts  # a horde has 3 zombies or more
+    assert summary["horde_acts"] == horde_acts and stack_counters["horde_acts"] == horde_acts
 
     png = plot_latency(report, tmp_path / "region-latency.png")
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000

@@ -77,7 +77,8 @@ from tier_scheduler.config import Tier
 from tier_scheduler.server import ActContext, TalkResult
 
 TIERS = ("gold", "silver", "bronze")
-LLM_CATEGORIES = ("gold.talk", "silver.talk", "gold.act", "silver.act")  # what reaches the worker
+LLM_CATEGORIES = ("gold.talk", "silver.talk", "gold.act", "silver.act", "gold.horde_act",
+                  "silver.horde_act")  # what reaches the worker
 REPO = Path(__file__).resolve().parent.parent
 RANDOM_WEIGHTS_NOTE = ("The demo model has RANDOM weights (a tiny Qwen2 built locally, nothing downloaded) "
                        "until a trained one exists: its lines are gibberish and its actions are random picks "
@@ -116,6 +117,9 @@ class RegionConfig:
     gold_act_rate: float = 0.06
     silver_act_rate: float = 0.02
     gold_event_rate: float = 0.005
+    # A zombie of a horde (as the scheduler clusters them) asks for its horde: one decision of the leader
+    # fanned out to every member (act_horde), at most once per horde per horde_act_interval_s.
+    horde_act_interval_s: float = 2.0
     max_inflight: int = 64
     request_timeout_s: float = 60.0
     drain_timeout_s: float = 30.0
@@ -168,6 +172,7 @@ class RegionReport:
     invalid_actions: int = 0
     invalid_reasons: Counter = field(default_factory=Counter)
     throttled: int = 0  # requests not started: max_inflight were running
+    horde_members: int = 0  # actions that horde acts returned (one per member, the leader included)
     lines: list[str] = field(default_factory=list)  # a few NPC lines and actions
     tier_counts: dict[str, int] = field(default_factory=dict)  # after the last tick
     server: dict = field(default_factory=dict)  # the client's stats() at the end
@@ -192,7 +197,8 @@ class RegionReport:
         """A flat dict for JSON (bench.region): headline keys first, then per tier and type."""
         lat = self.latencies()
         cat = {c: lat.get(c, {}) for c in ("gold.talk", "silver.talk")}
-        llm_acts = [s.total_ms for s in self.samples if s.category in ("gold.act", "silver.act")]
+        llm_acts = [s.total_ms for s in self.samples
+                    if s.category in ("gold.act", "silver.act", "gold.horde_act", "silver.horde_act")]
         llm = [s.first_ms for s in self.samples if s.category in LLM_CATEGORIES]
         duration = max(self.duration_s, 1e-9)
         out = {
@@ -216,6 +222,8 @@ class RegionReport:
             "tier_counts_mean": {t: float(timeline[:, i].mean()) for i, t in enumerate(TIERS)},
             "tick_p95_ms": _pct(self.tick_ms, 95), "ticks": self.ticks, "late_ticks": self.late_ticks,
             "throttled": self.throttled, "invalid_actions": self.invalid_actions,
+            "horde_acts": sum(n for c, n in self.requests.items() if c.endswith(".horde_act")),
+            "horde_members": self.horde_members,
             "server_worker_errors": int(self.server.get("worker_errors", 0) or 0),
             "shed": int(self.server.get("shed", 0) or 0),
             "server_counters": {k: v for k, v in self.server.items() if isinstance(v, int)},
@@ -259,6 +267,10 @@ class _Region:
         self.nearest = np.zeros(config.npcs, dtype=np.int64)
         self.distance = np.full(config.npcs, np.inf)
         self.kept_lines: Counter = Counter()
+        self.horde_of: dict[int, int] = {}  # row -> the scheduler's horde id, refreshed each tick
+        self.horde_leader: dict[int, str] = {}  # horde id -> its leader's NPC id
+        self.horde_members: dict[int, tuple[str, ...]] = {}
+        self.horde_acted: dict[str, float] = {}  # leader id -> when its horde last acted
 
     def _place(self) -> None:
         c, rng = self.config, self.rng
@@ -328,6 +340,7 @@ class _Region:
                 update = await _maybe(self.game.tick(players))
                 report.tick_ms.append((time.perf_counter() - started) * 1000)
                 tiers = self._apply_tick(update)
+                await self._refresh_hordes()
             except Exception as e:  # a failed tick is an error; the region goes on
                 self._error(e)
                 tiers = None
@@ -377,6 +390,20 @@ class _Region:
         self.tiers = tiers
         return tiers
 
+    async def _refresh_hordes(self) -> None:
+        """The scheduler's hordes after its tick (a client without hordes(): none)."""
+        hordes = getattr(self.game, "hordes", None)
+        if hordes is None:
+            return
+        self.horde_of.clear()
+        self.horde_leader.clear()
+        self.horde_members.clear()
+        for horde_id, (leader, members) in (await _maybe(hordes())).items():
+            rows = [self.row[m] for m in members if m in self.row]  # a shared scheduler has others too
+            if leader in self.row:
+                self.horde_leader[horde_id], self.horde_members[horde_id] = leader, tuple(members)
+                self.horde_of.update((r, horde_id) for r in rows)
+
     def _launch(self, tiers: np.ndarray, dt: float) -> None:
         c = self.config
         rates = {
@@ -398,7 +425,17 @@ class _Region:
             self.busy.add(i)
             tier = TIERS[int(tiers[i])]
             player = self.player_ids[int(self.nearest[i])]
-            coro = {"talk": self._talk, "act": self._act, "event": self._event}[kind](i, player, tier)
+            if kind == "act" and i in self.horde_of:
+                horde_id = self.horde_of[i]
+                leader = self.horde_leader[horde_id]
+                now = time.monotonic()
+                if now - self.horde_acted.get(leader, -math.inf) < c.horde_act_interval_s:
+                    self.busy.discard(i)
+                    continue  # its horde acted a moment ago: this zombie follows that decision
+                self.horde_acted[leader] = now
+                coro = self._act_horde(i, horde_id, player, tier)
+            else:
+                coro = {"talk": self._talk, "act": self._act, "event": self._event}[kind](i, player, tier)
             task = asyncio.create_task(self._guard(i, coro))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -477,6 +514,32 @@ class _Region:
                                      f"{' -> ' + a.target if a.target else ''} ({verdict}; model said "
                                      f"{(result.raw or '')[:60]!r})")
 
+    async def _act_horde(self, i: int, horde_id: int, player: str, tier: str) -> None:
+        leader = self.horde_leader[horde_id]
+        members = [self.row[m] for m in self.horde_members[horde_id] if m in self.row]
+        world, situation = self._world(self.row[leader], player)
+        world.update((self.ids[j], self._entity(j)) for j in members)
+        start = time.monotonic()
+        results = await _maybe(self.game.act_horde(leader, ActContext(world, situation)))
+        end = time.monotonic()
+        self._record(start, f"{tier}.horde_act", None, end)
+        self.report.horde_members += len(results)
+        decision = results.get(leader)
+        if decision is not None:
+            self.report.tokens += self.count_tokens(decision.raw or "")
+            if not decision.valid:
+                if not decision.raw or decision.reason.startswith("decoding ended"):
+                    self.report.degraded += 1
+                    self.report.degraded_reasons[f"horde_act: {_bucket(decision.reason)}"] += 1
+                else:
+                    self.report.invalid_actions += 1
+                    self.report.invalid_reasons[_bucket(decision.reason)] += 1
+        if self.kept_lines["horde"] < self.config.samples and decision is not None and decision.raw:
+            self.kept_lines["horde"] += 1
+            names = Counter(r.action.name for r in results.values())
+            self.report.lines.append(f"[{tier}] horde of {leader} ({len(results)} zombies) acts: "
+                                     + ", ".join(f"{n} x{k}" for n, k in names.most_common()))
+
     async def _event(self, i: int, player: str, tier: str) -> None:
         kind, text = EVENTS[int(self.rng.integers(len(EVENTS)))]
         start = time.monotonic()
@@ -539,6 +602,8 @@ def format_report(report: RegionReport) -> str:
     out.append(f"degraded: {report.degraded}" + _counted(s["degraded_reasons"]))
     out.append(f"actions rejected by the validator (safe default used): {report.invalid_actions}"
                + _counted(s["invalid_reasons"]))
+    out.append(f"hordes: {s['horde_acts']} horde acts (one decision of the leader each) gave "
+               f"{s['horde_members']} zombie actions")
     out.append(f"throttled (max {c.max_inflight} in flight): {report.throttled}; "
                f"shed by the queues: {s['shed']}")
     counters = s["server_counters"]
