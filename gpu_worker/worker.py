@@ -9,6 +9,12 @@ TOKEN_DELTAS message per client and step) and then their COMPLETIONS. Everything
 ipc (WorkerEndpoint.recv answers bad frames itself); what the engine refuses (ValueError) is answered
 per request in BATCH_ACK.rejected or with ERROR, and the loop goes on.
 
+Heartbeats during a long step: the engine step runs without the socket; meanwhile a responder thread takes
+the socket (a lock hands it over, so only one thread uses it at a time) every HEARTBEAT_POLL_MS, answers
+HEARTBEATs at once and queues everything else, in arrival order, for the loop to handle after the step. A
+long prefill (seconds on a slow CPU, a long prompt on a GPU) so never looks like a dead worker, while a
+hung or crashed process still stops answering.
+
 SIGTERM (or SIGINT): no new batches (ERROR SHUTTING_DOWN), in-flight requests may finish within
 --drain-timeout, the rest end with finish_reason "error"; then the socket closes (its ipc:// file is
 removed) and the clients' rings are unmapped. The worker never creates shared memory: clients do, and
@@ -22,8 +28,10 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +75,8 @@ log = logging.getLogger("npc-worker")
 IDLE_POLL_MS = 50  # sleep in poll at most this long with nothing running (signals are checked after)
 LOADING_POLL_MS = 5  # while an adapter load is pending: how often its future is looked at
 STALLED_POLL_MS = 1  # work exists but the last step ran nothing (adapters loading): don't spin hot
+HEARTBEAT_POLL_MS = 50  # during an engine step: how often the responder thread answers heartbeats
+MAX_EARLY = 4096  # messages the responder queues during one step; more wait in the socket
 SHUTDOWN_ERROR = "the worker is shutting down (SIGTERM); the request was not finished"
 
 
@@ -187,6 +197,11 @@ class Worker:
         self.draining = False
         self.drain_deadline = float("inf")
         self.stopped = False
+        # The socket belongs to whoever holds this lock: the loop, except during engine.step(), when the
+        # responder thread may take it (see the module doc). `early`: what the responder read, in order.
+        self.socket_lock = threading.Lock()
+        self.early: deque[Incoming] = deque()
+        self.heartbeats_during_steps = 0
         self.handlers = {
             MsgType.SUBMIT_BATCH: self._submit, MsgType.ABORT: self._abort,
             MsgType.ADAPTER_LOAD: self._adapter_load, MsgType.ADAPTER_UNLOAD: self._adapter_unload,
@@ -199,6 +214,10 @@ class Worker:
     def serve(self) -> None:
         """Runs until drained after request_stop(); closes the socket on the way out."""
         stalled = False
+        self.socket_lock.acquire()
+        responder = threading.Thread(target=self._respond_during_steps, name="npc-worker-heartbeats",
+                                     daemon=True)
+        responder.start()
         try:
             while not self.stopped:
                 running = self.engine.has_unfinished()
@@ -212,11 +231,43 @@ class Worker:
                 if self.draining:
                     self._drain_step()
                 if self.engine.has_unfinished():
-                    deltas = self.engine.step()
+                    self.socket_lock.release()  # the responder may answer heartbeats while the step runs
+                    try:
+                        deltas = self.engine.step()
+                    finally:
+                        self.socket_lock.acquire()
                     stalled = not deltas
                     self._dispatch(deltas)
         finally:
-            self.close()
+            self.stopped = True
+            self.socket_lock.release()
+            responder.join(5)
+            with self.socket_lock:
+                self.close()
+
+    def _respond_during_steps(self) -> None:
+        """The responder thread: while the loop is inside engine.step() (it has released the socket), answer
+        HEARTBEATs and queue the rest for the loop, in arrival order."""
+        while not self.stopped:
+            if not self.socket_lock.acquire(timeout=HEARTBEAT_POLL_MS / 1000):
+                continue
+            try:
+                if self.stopped:
+                    return
+                while len(self.early) < MAX_EARLY:
+                    incoming = self.endpoint.recv(0)
+                    if incoming is None:
+                        break
+                    if incoming.msg_type == MsgType.HEARTBEAT:  # answered now, even ahead of queued messages:
+                        self.heartbeats_during_steps += 1  # its reply only says the worker is alive
+                        self._handle(incoming)
+                    else:
+                        self.early.append(incoming)
+            except Exception:  # the loop handles the socket again after the step; never die silently
+                log.exception("answering heartbeats during a step failed")
+            finally:
+                self.socket_lock.release()
+            time.sleep(HEARTBEAT_POLL_MS / 1000)
 
     def request_stop(self, *_signal_args) -> None:
         """SIGTERM: take no new work; a second one cuts the drain short."""
@@ -233,6 +284,10 @@ class Worker:
             self.stopped = True
 
     def _drain_socket(self, timeout_ms: int) -> None:
+        if self.early:  # read by the responder during the last step: first, in their order
+            while self.early:
+                self._handle(self.early.popleft())
+            timeout_ms = 0
         incoming = self.endpoint.recv(timeout_ms)
         while incoming is not None:
             self._handle(incoming)
@@ -465,7 +520,8 @@ class Worker:
 
     def _stats(self, incoming: Incoming) -> None:
         stats = plain(self.engine.stats() | {"endpoint": self.endpoint.counters(),
-                                             "in_flight": len(self.owned), "draining": self.draining})
+                                             "in_flight": len(self.owned), "draining": self.draining,
+                                             "heartbeats_during_steps": self.heartbeats_during_steps})
         self.endpoint.reply(incoming, StatsReply(stats))
 
     def _heartbeat(self, incoming: Incoming) -> None:
@@ -492,6 +548,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-id", default="")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one engine step (decode rows + prefill chunks)")
     p.add_argument("--kv-cache-mb", type=int, default=256)
     p.add_argument("--max-loras", type=int, default=16)
     p.add_argument("--lora-kernel", default="auto", choices=["auto", "torch", "triton"],
@@ -510,6 +568,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
                       kernel=args.lora_kernel)
     engine = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                           max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_cache_bytes=args.kv_cache_mb << 20, lora=lora)
     ipc = IpcConfig(endpoint=args.endpoint, transport=args.transport)
     return WorkerConfig(engine, ipc, args.adapters_dir, args.worker_id, args.drain_timeout)

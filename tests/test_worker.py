@@ -268,3 +268,47 @@ def test_sigterm_errors_in_flight_and_leaves_no_shared_memory(qwen2_dir, adapter
         stop(proc)
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
     assert not os.path.exists(endpoint[len("ipc://"):])
+
+
+def test_a_step_longer_than_the_heartbeat_timeout_is_not_a_dead_worker(tmp_path):
+    """One prefill step of 6,000 tokens on the bench-sized model takes seconds here: the responder thread
+    answers heartbeats meanwhile, so a client with a 0.4 s timeout keeps the request; a worker stopped with
+    SIGSTOP (hung: no thread runs) is still declared lost."""
+    from gpu_worker.testing import build_model
+
+    model = build_model(tmp_path / "model", hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=2,
+                        vocab=4096, max_position=8192)
+    _, endpoint = private_endpoint()
+    proc = start_worker(model, endpoint, tmp_path, "--max-num-batched-tokens", "8192", "--max-model-len",
+                        "8192", "--kv-cache-mb", "512")
+    prompt = [(7 * i) % 4000 + 1 for i in range(6000)]
+    fast = ClientConfig(heartbeat_interval_s=0.1, heartbeat_timeout_s=0.4)
+
+    async def go():
+        async with WorkerClient(endpoint, config=fast) as client:
+            start = time.monotonic()
+            (result,) = await client.generate([Request(prompt, (), GREEDY, request_id="long-prefill")])
+            elapsed = time.monotonic() - start
+            stats = await client.stats()
+            assert len(result.steps[0].token_ids) == GREEDY.max_tokens
+            assert client.counters["workers_lost"] == 0
+            # The test means something only if one step outlasted the timeout and heartbeats were answered
+            # during it.
+            assert elapsed > 2 * fast.heartbeat_timeout_s, elapsed
+            assert stats["heartbeats_during_steps"] > 0, stats
+
+            (stream,) = await client.submit([Request([1, 2, 3], (), LONG, request_id="then-hung")])
+            async for _ in stream:
+                break
+            proc.send_signal(signal.SIGSTOP)
+            hung = time.monotonic()
+            with pytest.raises(WorkerLost):
+                async for _ in stream:
+                    pass
+            assert time.monotonic() - hung < 1.5
+
+    try:
+        run(go())
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        stop(proc)
