@@ -77,9 +77,8 @@ def adapters(tmp_path_factory, qwen2_dir):
             for i, (name, spec) in enumerate(specs.items())}
 
 
-@pytest.fixture
-def prefix():
-    """A Redis key prefix of this test's own (`npc-test:<uuid>:`); its keys are deleted afterwards."""
+def _redis_prefix():
+    """A Redis key prefix of its own (`npc-test:<uuid>:`); its keys are deleted afterwards."""
     import uuid
 
     import redis
@@ -100,6 +99,18 @@ def prefix():
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@pytest.fixture
+def prefix():
+    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
+    yield from _redis_prefix()
+
+
+@pytest.fixture(scope="module")
+def module_prefix():
+    """A Redis key prefix of this module's own (for a module-scoped scheduler process)."""
+    yield from _redis_prefix()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import asyncpg
 import numpy as np
@@ -20,7 +19,7 @@ from memory.archiver import Archiver, ArchiverConfig
 from memory.config import MemoryConfig
 from memory.store import MemoryStore, connect
 from plugin_bindings import ActContext, AsyncGameClient, GameClient, TalkResult
-from tests.test_worker import private_endpoint, start_worker, stop
+from tests.test_worker import serve_adapters
 from tier_scheduler import actions, prompts
 from tier_scheduler.config import SchedulerConfig, Tier
 from tier_scheduler.server import EMOTIONS, SchedulerServer, ServerConfig
@@ -37,13 +36,7 @@ ADAPTER_FILES = {"vampire.dialogue_style": "all_r8", "vampire.action_policy": "a
 
 @pytest.fixture(scope="module")
 def worker_endpoint(qwen2_dir, adapters, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("e2e-adapters")
-    for name, fixture in ADAPTER_FILES.items():
-        (folder / name).symlink_to(Path(adapters[fixture]), target_is_directory=True)
-    _, endpoint = private_endpoint()
-    proc = start_worker(qwen2_dir, endpoint, folder)
-    yield endpoint
-    stop(proc)
+    yield from serve_adapters(qwen2_dir, adapters, tmp_path_factory.mktemp("e2e-adapters"), ADAPTER_FILES)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import signal
 import struct
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import msgpack
@@ -28,7 +27,7 @@ from memory.config import MemoryConfig
 from memory.store import MemoryStore, connect
 from plugin_bindings import ActContext, AsyncRemoteGameClient, RemoteGameClient, TalkResult
 from plugin_bindings.remote import RemoteCardTooLarge, RemoteInvalidRequest, UnknownNpcError
-from tests.test_worker import private_endpoint, start_worker, stop
+from tests.test_worker import private_endpoint, serve_adapters, stop
 from tier_scheduler import actions, prompts
 from tier_scheduler import game_wire as gw
 from tier_scheduler.game_wire import GameErrorCode as E
@@ -153,34 +152,8 @@ def _frames_unchecked(msg_type, fields, corr_id=9, arrays=()) -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def module_prefix():
-    """A Redis key prefix of this module's own (the conftest `prefix`, for a module-scoped scheduler)."""
-    import redis
-
-    from memory.services import redis_url
-
-    client = redis.Redis.from_url(redis_url())
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as e:
-        pytest.fail(f"no Redis at {redis_url()} ({e}): start one with `python -m memory.services up`")
-    prefix = f"npc-test:{uuid.uuid4().hex}:"
-    yield prefix
-    keys = list(client.scan_iter(match=prefix + "*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
-
-
-@pytest.fixture(scope="module")
 def worker_endpoint(qwen2_dir, adapters, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("game-adapters")
-    for name, fixture in ADAPTER_FILES.items():
-        (folder / name).symlink_to(Path(adapters[fixture]), target_is_directory=True)
-    _, endpoint = private_endpoint()
-    proc = start_worker(qwen2_dir, endpoint, folder)
-    yield endpoint
-    stop(proc)
+    yield from serve_adapters(qwen2_dir, adapters, tmp_path_factory.mktemp("game-adapters"), ADAPTER_FILES)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from gpu_worker.request import Request
 from memory.config import MemoryConfig
 from memory.services import redis_url
 from memory.store import MemoryStore, connect
-from tests.test_worker import private_endpoint, start_worker, stop
+from tests.test_worker import serve_adapters
 from tier_scheduler import actions, prompts
 from tier_scheduler.config import SchedulerConfig, Tier
 from tier_scheduler.server import (
@@ -54,13 +53,7 @@ NO_CHAIN = frozenset(WORKER_FILES) - {"vampire.emotional_response"}
 
 @pytest.fixture(scope="module")
 def worker_endpoint(qwen2_dir, adapters, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("feature-adapters")
-    for name, fixture in WORKER_FILES.items():
-        (folder / name).symlink_to(Path(adapters[fixture]), target_is_directory=True)
-    _, endpoint = private_endpoint()
-    proc = start_worker(qwen2_dir, endpoint, folder)
-    yield endpoint
-    stop(proc)
+    yield from serve_adapters(qwen2_dir, adapters, tmp_path_factory.mktemp("feature-adapters"), WORKER_FILES)
 
 
 @pytest.fixture(scope="module")

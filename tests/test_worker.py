@@ -50,6 +50,19 @@ def start_worker(model: Path, endpoint: str, adapters_dir: Path, *extra: str) ->
     return proc
 
 
+def serve_adapters(model: Path, adapters: dict[str, str], folder: Path, files: dict[str, str]):
+    """A worker subprocess serving `files` (served name -> conftest adapter fixture name), linked into
+    `folder`; yields its endpoint and stops it afterwards (for module-scoped fixtures)."""
+    for name, fixture in files.items():
+        (folder / name).symlink_to(Path(adapters[fixture]), target_is_directory=True)
+    _, endpoint = private_endpoint()
+    proc = start_worker(model, endpoint, folder)
+    try:
+        yield endpoint
+    finally:
+        stop(proc)
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
