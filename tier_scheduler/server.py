@@ -15,7 +15,7 @@
     results = await server.act_horde(leader_id, ActContext(world, "..."))  # {member id: ActResult}
     await server.close()
 
-What it does (the vertical slice of issue 7):
+What it does:
 - one NpcActor per NPC (archetype, subfaction, name, adapter stacks per task, tier, a lock): every talk or
   act of an NPC runs under its lock, so an NPC's messages are handled one at a time, in arrival order
   (asyncio.Lock is FIFO);
