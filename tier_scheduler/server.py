@@ -888,32 +888,45 @@ class SchedulerServer:
 
 
 class StreamDecoder:
-    """Incremental detokenization: decodes the ids so far and emits the new suffix, holding it back while
-    it ends in U+FFFD (a UTF-8 character split across tokens), cutting at the first newline (the prompt
-    layout keeps a reply on one line; the worker stops there too) and dropping control characters (a
-    byte-level vocabulary can sample NUL, which ends a C string in the game and which the archive refuses)."""
+    """Incremental detokenization: emits the new text of each token, holding it back while it ends in U+FFFD
+    (a UTF-8 character split across tokens), cutting at the first newline (the prompt layout keeps a reply
+    on one line; the worker stops there too) and dropping control characters (a byte-level vocabulary can
+    sample NUL, which ends a C string in the game and which the archive refuses).
+
+    Linear in the reply's length: each push decodes only the tokens since the last emitted boundary (the
+    window's start is kept one step back, so a token that merges with the one before it decodes right)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""  # emitted so far
         self.closed = False
+        self._prefix = 0  # ids[_prefix:_read] decoded to what was emitted last
+        self._read = 0
+        self._pending = ""  # leading whitespace, held until the reply says something
 
     def push(self, token_id: int) -> str:
         if self.closed:
             return ""
         self.ids.append(int(token_id))
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if full.endswith("\ufffd"):
-            return ""
-        if "\n" in full:
-            full, self.closed = full.split("\n", 1)[0], True
-        full = prompts.drop_control_chars(full)
-        if not self.text and not full.strip():
-            return ""  # the leading space after "Me:" alone is not worth a chunk
-        chunk = full[len(self.text):] if full.startswith(self.text) else ""
-        self.text = full if full.startswith(self.text) else self.text
-        return chunk
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        after = decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if after.endswith("\ufffd") or not after.startswith(before):
+            return ""  # an incomplete character (or a window that re-decodes differently): wait
+        delta = after[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        if "\n" in delta:
+            delta, self.closed = delta.split("\n", 1)[0], True
+        delta = prompts.drop_control_chars(delta)
+        if not self.text:
+            delta = self._pending + delta
+            if not delta.strip():  # the leading space after "Me:" alone is not worth a chunk
+                self._pending = delta
+                return ""
+            self._pending = ""
+        self.text += delta
+        return delta
 
 
 def emotion_tag(text: str, emotions: Sequence = ()) -> str:
