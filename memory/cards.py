@@ -340,6 +340,8 @@ _FACT_TEMPLATES = {
     "promise_broken": "The player broke a promise: {text}.",
     "betrayal": "The player betrayed me: {text}.",
     "help": "The player helped me: {text}.",
+    "life_saved": "The player saved my life: {text}.",
+    "attack": "The player attacked me: {text}.",
     "insult": "The player insulted me: {text}.",
     "quest_started": "I gave the player the quest \"{title}\".",
     "quest_milestone": "On the quest \"{title}\" the player reached: {text}.",

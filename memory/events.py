@@ -94,6 +94,8 @@ GAME_EVENT_EFFECTS: dict[str, tuple[int, int, int, float, float]] = {
     "promise_broken": (-20, -10, 8, -0.6, 0.6),
     "betrayal": (-35, -25, 9, -0.9, 0.9),
     "help": (10, 8, 6, 0.6, 0.5),
+    "life_saved": (30, 25, 9, 0.9, 0.8),
+    "attack": (-25, -20, 8, -0.8, 1.0),
     "insult": (-5, -10, 4, -0.5, 0.6),
     "quest_started": (2, 2, 6, 0.3, 0.4),
     "quest_milestone": (3, 2, 5, 0.4, 0.4),
@@ -108,8 +110,9 @@ MAX_EVENT_TEXT = 120
 @dataclass(frozen=True)
 class GameEvent:
     """Something the game reports between an NPC and a player. `text` is the gift's item, the promise, the
-    betrayal, the milestone or the quest title; `quest_id` names the quest of a quest_* event. The deltas add
-    to the type's own trust/affinity effect (the game may weigh an event)."""
+    betrayal, what the help / rescue / attack was, the milestone or the quest title; `quest_id` names the
+    quest of a quest_* event. The deltas add to the type's own trust/affinity effect (the game may weigh an
+    event)."""
 
     type: str
     text: str = ""

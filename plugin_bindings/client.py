@@ -80,8 +80,8 @@ class AsyncGameClient:
 
     # Memory: events, cards, sessions
     async def event(self, npc_id: str, player_id: str, kind: str, text: str = "", **fields):
-        """A game event (memory.events.GameEvent types: gift, insult, help, betrayal, quest_* ...):
-        updates the cards, a salient fact and the emotional trajectory."""
+        """A game event (memory.events.GameEvent types: gift, insult, help, life_saved, attack, betrayal,
+        quest_* ...): updates the cards, a salient fact and the emotional trajectory."""
         from memory.events import GameEvent
 
         return await self.server.memory.apply_event(npc_id, player_id, GameEvent(kind, text, **fields))

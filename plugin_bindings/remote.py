@@ -408,9 +408,9 @@ class AsyncRemoteGameClient:
     # ------------------------------------------------------------------------ memory: events, cards
 
     async def event(self, npc_id: str, player_id: str, kind: str, text: str = "", **fields):
-        """A game event (memory.events.GameEvent types: gift, insult, help, betrayal, promise*, quest_* ...;
-        fields: quest_id, trust_delta, affinity_delta): updates the cards, a salient fact and the emotional
-        trajectory. Returns memory.store.EventOutcome."""
+        """A game event (memory.events.GameEvent types: gift, insult, help, life_saved, attack, betrayal,
+        promise*, quest_* ...; fields: quest_id, trust_delta, affinity_delta): updates the cards, a salient
+        fact and the emotional trajectory. Returns memory.store.EventOutcome."""
         reply = await self._request(T.EVENT, {"npc_id": npc_id, "player_id": player_id, "type": kind,
                                               "text": text, **fields})
         return event_outcome_from_wire(reply)

@@ -198,6 +198,17 @@ def _apply(rel, quest, event, ts=T0):
     return apply_game_event(rel, quest, event, ts, (trust, affinity))
 
 
+def test_attack_and_life_saved_move_the_relationship_and_leave_a_fact():
+    rel, quest = RelationshipCard("vlad", "p1"), QuestCard("vlad", "p1")
+    rel, _, fact = _apply(rel, quest, GameEvent("life_saved", "pulled me out of the burning mill"))
+    assert (rel.trust, rel.affinity) == (30, 25) and rel.betrayals == ()
+    assert fact == "The player saved my life: pulled me out of the burning mill."
+    rel, _, fact = _apply(rel, quest, GameEvent("attack"), T0 + 5)
+    assert (rel.trust, rel.affinity) == (5, 5) and rel.last_interaction == T0 + 5
+    assert fact == "The player attacked me."
+    assert GAME_EVENT_EFFECTS["attack"][3] < 0 < GAME_EVENT_EFFECTS["life_saved"][3]  # the NPC's valence
+
+
 def test_gift_and_promise_transitions():
     rel, quest = RelationshipCard("vlad", "p1"), QuestCard("vlad", "p1")
     rel, quest2, fact = _apply(rel, quest, GameEvent("gift", "a silver ring"))
