@@ -221,11 +221,15 @@ def _bgmv(batch: LoRABatch, x, y, at, bts):
     z = torch.bmm(xg, pick(at))  # [n, G, n_sub * R]
     rank = bts[0].shape[1]
     if batch.gather is None:
-        # Accumulate straight into y's slices: no [T, out] temporary to write and read back.
+        if len(bts) == 1:  # o / down: y is the whole output, contiguous: accumulate straight into it
+            y.view(n, g, -1).baddbmm_(z, pick(bts[0]))
+            return
+        # qkv / gate_up: a sub-module's columns of y are a strided view, on which the CPU baddbmm_ falls back
+        # to one addmm per group (~10 us each); one batched bmm into a temporary, then one add, is cheaper.
         offset = 0
         for j, bt in enumerate(bts):
             size = bt.shape[-1]
-            y[:, offset:offset + size].view(n, g, size).baddbmm_(_sub(z, j, rank), pick(bt))
+            y[:, offset:offset + size].view(n, g, size).add_(torch.bmm(_sub(z, j, rank), pick(bt)))
             offset += size
         return
     outs = [torch.bmm(_sub(z, j, rank), pick(bt)) for j, bt in enumerate(bts)]  # [n, G, size_j]
