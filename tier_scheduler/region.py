@@ -94,7 +94,8 @@ PLAYER_LINES = ("Good evening.", "Have you seen my brother? He went to the crypt
                 "Stay back!", "I brought you a silver ring.", "Which way to the old chapel?",
                 "Why is the village so quiet?", "Can you help me find the lost amulet?", "Who rules here?",
                 "I mean you no harm.", "Tell me about the bloodline.", "Do you remember me?")
-EVENTS = (("gift", "a silver ring"), ("help", "carried water to the crypt"), ("insult", "called it a corpse"))
+EVENTS = (("gift", "a silver ring"), ("help", "carried water to the crypt"), ("insult", "called it a corpse"),
+          ("life_saved", "pulled it from the burning mill"), ("attack", "struck it with a torch"))
 
 
 @dataclass(frozen=True)
