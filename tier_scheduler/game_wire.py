@@ -915,23 +915,19 @@ def card_from_wire(text: str) -> Card:
 
 
 def fact_to_wire(fact: Fact) -> dict:
-    return {"text": fact.text, "importance": fact.importance, "ts": fact.ts, "fact_id": fact.fact_id,
-            "source": fact.source, "restored_at": fact.restored_at}
+    return fact.to_dict()  # the record's own JSON form (restored_at only when set: nil is its default)
 
 
 def fact_from_wire(f: Mapping) -> Fact:
-    return Fact(f["text"], f["importance"], f["ts"], fact_id=f["fact_id"], source=f["source"],
-                restored_at=f["restored_at"])
+    return Fact.from_dict(dict(f))
 
 
 def emotion_to_wire(point: EmotionPoint) -> dict:
-    return {"valence": point.valence, "arousal": point.arousal, "ts": point.ts, "source": point.source,
-            "point_id": point.point_id, "restored_at": point.restored_at}
+    return point.to_dict()
 
 
 def emotion_from_wire(f: Mapping) -> EmotionPoint:
-    return EmotionPoint(f["valence"], f["arousal"], f["ts"], source=f["source"], point_id=f["point_id"],
-                        restored_at=f["restored_at"])
+    return EmotionPoint.from_dict(dict(f))
 
 
 def event_outcome_to_wire(outcome: EventOutcome) -> dict:
