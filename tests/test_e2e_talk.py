@@ -59,15 +59,16 @@ def _memory_config(prefix: str) -> MemoryConfig:
     return MemoryConfig(key_prefix=prefix, cold_restore=False)
 
 
-async def _with_server(endpoint, tokenizer, prefix, fn, config: SchedulerConfig | None = None,
-                       **server_kwargs):
-    """Runs fn(server, worker, memory) with everything connected, and closes it all afterwards."""
+async def _with_server(endpoint, tokenizer, prefix, fn, config: SchedulerConfig | None = None, *,
+                       resident=frozenset(ADAPTER_FILES), **server_kwargs):
+    """Runs fn(server, worker, memory) with everything connected, and closes it all afterwards (also used by
+    tests/test_server_features.py)."""
     redis_client = connect(config=_memory_config(prefix))
     memory = MemoryStore(redis_client, _memory_config(prefix))
-    # Heartbeats are answered between engine steps; a loaded machine can stretch one past the default.
+    # A generous heartbeat timeout: a loaded machine can be slow to schedule the worker at all.
     async with WorkerClient(endpoint, config=ClientConfig(heartbeat_timeout_s=5.0)) as worker:
-        server = SchedulerServer(config or SchedulerConfig(), memory, worker, tokenizer,
-                                 resident=ADAPTER_FILES, **server_kwargs)
+        server = SchedulerServer(config or SchedulerConfig(), memory, worker, tokenizer, resident=resident,
+                                 **server_kwargs)
         await server.start()
         try:
             return await fn(server, worker, memory)

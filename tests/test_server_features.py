@@ -18,21 +18,18 @@ import pytest
 import redis.asyncio as aioredis
 
 from gpu_worker.chains import ChainRequest, OutputRef
-from gpu_worker.client import ClientConfig, WorkerClient
 from gpu_worker.lora.registry import AdapterRecord, AdapterRegistry
 from gpu_worker.request import Request
-from memory.config import MemoryConfig
 from memory.services import redis_url
-from memory.store import MemoryStore, connect
+from tests import test_e2e_talk as e2e
 from tests.test_worker import serve_adapters
 from tier_scheduler import actions, prompts
-from tier_scheduler.config import SchedulerConfig, Tier
+from tier_scheduler.config import Tier
 from tier_scheduler.server import (
     EMOTION_CUE,
     EMOTION_EBNF,
     EMOTIONS,
     ActContext,
-    SchedulerServer,
     ServerConfig,
     TalkResult,
 )
@@ -63,25 +60,8 @@ def tokenizer(qwen2_dir):
     return AutoTokenizer.from_pretrained(str(qwen2_dir))
 
 
-def _memory_config(prefix: str) -> MemoryConfig:
-    return MemoryConfig(key_prefix=prefix, cold_restore=False)
-
-
-async def _with_server(endpoint, tokenizer, prefix, fn, *, resident=frozenset(WORKER_FILES), registry=None,
-                       config: SchedulerConfig | None = None, **server_kwargs):
-    """Runs fn(server, worker, memory) with everything connected, and closes it all afterwards."""
-    redis_client = connect(config=_memory_config(prefix))
-    memory = MemoryStore(redis_client, _memory_config(prefix))
-    async with WorkerClient(endpoint, config=ClientConfig(heartbeat_timeout_s=5.0)) as worker:
-        server = SchedulerServer(config or SchedulerConfig(), memory, worker, tokenizer, resident=resident,
-                                 registry=registry, **server_kwargs)
-        await server.start()
-        try:
-            return await fn(server, worker, memory)
-        finally:
-            await server.close()
-            await memory.aclose()
-            await redis_client.aclose()
+def _with_server(endpoint, tokenizer, prefix, fn, *, resident=frozenset(WORKER_FILES), **kwargs):
+    return e2e._with_server(endpoint, tokenizer, prefix, fn, resident=resident, **kwargs)
 
 
 def run(coro, timeout_s: float = 90.0):
