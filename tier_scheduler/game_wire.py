@@ -31,6 +31,8 @@ from enum import IntEnum
 import msgpack
 import numpy as np
 
+from ipc.messages import HEADER as WORKER_HEADER
+
 # Result types of the game clients (data classes only; nothing here calls into the scheduler).
 from memory.cards import Card, CardError, CardTooLarge, deserialize_card, serialize_card
 from memory.records import EmotionPoint, Fact
@@ -42,9 +44,9 @@ from tier_scheduler.server import ActContext, ActResult, TalkResult
 MAGIC = b"NPCG"
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
-# magic, version, type, corr_id, flags, meta_len, payload_frames, reserved, payload_bytes
-HEADER = struct.Struct("<4sHHQIIHHI")
-assert HEADER.size == 32
+# The worker protocol's header layout (ipc/messages.py), with this protocol's magic and version: magic,
+# version, type, corr_id, flags, meta_len, payload_frames, reserved, payload_bytes.
+HEADER = WORKER_HEADER
 REPLY_BIT = 0x80
 U64 = 2**64 - 1
 I32_MAX = 2**31 - 1
