@@ -278,8 +278,9 @@ class Engine:
 
     def _adapter_pool(self) -> AdapterPool:
         if self.lora is None:
-            self.lora = AdapterPool(self.model.args, self.config.lora, self.config.torch_dtype, self.device)
-            attach_lora(self.model, self.lora)
+            pool = AdapterPool(self.model.args, self.config.lora, self.config.torch_dtype, self.device)
+            attach_lora(self.model, pool)  # hooks first: a pool is never kept without them
+            self.lora = pool
         return self.lora
 
     def validate(self, request: Request) -> None:

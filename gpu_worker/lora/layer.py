@@ -8,30 +8,21 @@ from gpu_worker.model.llama import CausalLM
 
 
 def attach_lora(model: CausalLM, pool: AdapterPool) -> str:
-    """Hooks every projection; returns the delta path that pool.config.kernel resolved to on pool.device.
-
-    Raises ValueError when that choice cannot run there (see resolve_kernel). The hooks are attached even
-    then, raising the same error on use, so a pool that was created anyway never silently adds nothing.
-    """
-    try:
-        kernel, error = resolve_kernel(pool.config.kernel, pool.device), None
-    except ValueError as e:
-        kernel, error = None, e
+    """Hooks every projection; returns (and sets as pool.kernel) the delta path that pool.config.kernel
+    resolves to on pool.device. Raises ValueError before hooking anything when that choice cannot run there
+    (resolve_kernel; EngineConfig already refuses such a config)."""
+    kernel = resolve_kernel(pool.config.kernel, pool.device)
     for i, layer in enumerate(model.layers):
         for fused in FUSED_SUBS:
             parent = "self_attn" if fused in ("qkv_proj", "o_proj") else "mlp"
-            layer.get_submodule(f"{parent}.{fused}").delta_hook = _hook(pool, i, fused, kernel, error)
-    if error is not None:
-        raise error
+            layer.get_submodule(f"{parent}.{fused}").delta_hook = _hook(pool, i, fused, kernel)
     pool.kernel = kernel
     return kernel
 
 
-def _hook(pool: AdapterPool, layer: int, fused: str, kernel: str | None, error: ValueError | None):
+def _hook(pool: AdapterPool, layer: int, fused: str, kernel: str):
     def add_delta(x, y):
         if pool.current is not None:  # None: no row of this step has an adapter, LoRA costs nothing
-            if error is not None:
-                raise ValueError(str(error))
             at, bts = pool.weights[layer][fused]  # looked up per call: slots are reallocated when R grows
             add_lora(pool.current, x, y, at, bts, kernel)
 
