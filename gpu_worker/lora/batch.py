@@ -142,7 +142,8 @@ def build_lora_batch(token_slots: list[tuple[int, ...]], device: torch.device,
                      kernel: str = "torch") -> LoRABatch | None:
     """token_slots[t] is the slot stack of token t (empty: no adapter). None when no token has one.
 
-    kernel="triton" also builds the Triton index tensors now (else they are built on first use).
+    kernel="triton" builds the Triton index tensors now and not the torch path's tensors (a torch-path batch
+    builds its Triton indices on first use, for tests that run both paths on one batch).
     """
     by_slot: dict[int, list[int]] = {}
     for t, stack in enumerate(token_slots):
@@ -156,8 +157,13 @@ def build_lora_batch(token_slots: list[tuple[int, ...]], device: torch.device,
     dense = slots[-1] + 1 <= 2 * len(slots)  # slots 0..max as a view (some groups empty), else gathered
     order = list(range(slots[-1] + 1)) if dense else slots
     batch = LoRABatch(num_tokens=len(token_slots), groups=[], token_slots=token_slots, device=device)
-    if len(slots) >= 3 and len(order) * group_size <= 2 * num_pairs:
+    bgmv = len(slots) >= 3 and len(order) * group_size <= 2 * num_pairs
+    if bgmv:
         batch.num_groups, batch.group_size = len(order), group_size
+    if kernel == "triton":  # its own index tensors only: the torch path's below would go unused
+        batch.triton_indices()
+        return batch
+    if bgmv:
         batch.slot_ids = None if dense else torch.tensor(slots, dtype=torch.int64, device=device)
         pad = len(token_slots)
         flat = [t for s in order for t in by_slot.get(s, []) + [pad] * (group_size - len(by_slot.get(s, [])))]
@@ -171,8 +177,6 @@ def build_lora_batch(token_slots: list[tuple[int, ...]], device: torch.device,
             contiguous = rows[-1] - rows[0] + 1 == len(rows)
             tokens = None if contiguous else torch.tensor(rows, dtype=torch.int64, device=device)
             batch.groups.append(Group(slot, tokens, rows[0], rows[-1] + 1))
-    if kernel == "triton":
-        batch.triton_indices()
     return batch
 
 
