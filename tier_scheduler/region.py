@@ -423,17 +423,16 @@ class _Region:
             if len(self.tasks) >= c.max_inflight:
                 self.report.throttled += 1
                 continue
+            horde_id = self.horde_of.get(i) if kind == "act" else None
+            if horde_id is not None:
+                leader, now = self.horde_leader[horde_id], time.monotonic()
+                if now - self.horde_acted.get(leader, -math.inf) < c.horde_act_interval_s:
+                    continue  # its horde acted a moment ago: this zombie follows that decision
+                self.horde_acted[leader] = now
             self.busy.add(i)
             tier = TIERS[int(tiers[i])]
             player = self.player_ids[int(self.nearest[i])]
-            if kind == "act" and i in self.horde_of:
-                horde_id = self.horde_of[i]
-                leader = self.horde_leader[horde_id]
-                now = time.monotonic()
-                if now - self.horde_acted.get(leader, -math.inf) < c.horde_act_interval_s:
-                    self.busy.discard(i)
-                    continue  # its horde acted a moment ago: this zombie follows that decision
-                self.horde_acted[leader] = now
+            if horde_id is not None:
                 coro = self._act_horde(i, horde_id, player, tier)
             else:
                 coro = {"talk": self._talk, "act": self._act, "event": self._event}[kind](i, player, tier)
@@ -499,14 +498,7 @@ class _Region:
         result = await _maybe(self.game.act(self.ids[i], ActContext(world, situation)))
         end = time.monotonic()
         self._record(start, f"{tier}.act", None, end)
-        self.report.tokens += self.count_tokens(result.raw or "")
-        if not result.valid:
-            if not result.raw or result.reason.startswith("decoding ended"):
-                self.report.degraded += 1  # no decision from the model: shed, expired, cut short
-                self.report.degraded_reasons[f"act: {_bucket(result.reason)}"] += 1
-            else:
-                self.report.invalid_actions += 1
-                self.report.invalid_reasons[_bucket(result.reason)] += 1
+        self._count_decision("act", result)
         if self.kept_lines["act"] < self.config.samples and result.raw:
             self.kept_lines["act"] += 1
             a = result.action
@@ -514,6 +506,19 @@ class _Region:
             self.report.lines.append(f"[{tier}] {self.ids[i]} acts: {a.name}"
                                      f"{' -> ' + a.target if a.target else ''} ({verdict}; model said "
                                      f"{(result.raw or '')[:60]!r})")
+
+    def _count_decision(self, kind: str, result) -> None:
+        """Tokens of an action decision, and why it was not valid: no decision from the model (shed, expired,
+        cut short: degraded) or one the validator rejected (the safe default was used)."""
+        self.report.tokens += self.count_tokens(result.raw or "")
+        if result.valid:
+            return
+        if not result.raw or result.reason.startswith("decoding ended"):
+            self.report.degraded += 1
+            self.report.degraded_reasons[f"{kind}: {_bucket(result.reason)}"] += 1
+        else:
+            self.report.invalid_actions += 1
+            self.report.invalid_reasons[_bucket(result.reason)] += 1
 
     async def _act_horde(self, i: int, horde_id: int, player: str, tier: str) -> None:
         leader = self.horde_leader[horde_id]
@@ -527,14 +532,7 @@ class _Region:
         self.report.horde_members += len(results)
         decision = results.get(leader)
         if decision is not None:
-            self.report.tokens += self.count_tokens(decision.raw or "")
-            if not decision.valid:
-                if not decision.raw or decision.reason.startswith("decoding ended"):
-                    self.report.degraded += 1
-                    self.report.degraded_reasons[f"horde_act: {_bucket(decision.reason)}"] += 1
-                else:
-                    self.report.invalid_actions += 1
-                    self.report.invalid_reasons[_bucket(decision.reason)] += 1
+            self._count_decision("horde_act", decision)
         if self.kept_lines["horde"] < self.config.samples and decision is not None and decision.raw:
             self.kept_lines["horde"] += 1
             names = Counter(r.action.name for r in results.values())
