@@ -23,15 +23,13 @@ methods (AsyncRemoteGameClient / RemoteGameClient) speaking ipc/GAME_PROTOCOL.md
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from plugin_bindings._sync import iterate_on_loop
 from tier_scheduler.server import ActContext, ActResult, SchedulerServer, TalkResult
-
-_END = object()
 
 
 class AsyncGameClient:
@@ -138,23 +136,9 @@ class GameClient:
         return self._sync(self._client.hordes)
 
     def talk(self, npc_id: str, player_id: str, text: str) -> Iterator[str | TalkResult]:
-        """Yields the chunks as they arrive, then the TalkResult."""
-        items: queue.Queue = queue.Queue()
-
-        async def pump():
-            try:
-                async for item in self._client.talk(npc_id, player_id, text):
-                    items.put(item)
-            except BaseException as e:
-                items.put(e)
-            finally:
-                items.put(_END)
-
-        asyncio.run_coroutine_threadsafe(pump(), self._loop)
-        while (item := items.get(timeout=self.timeout_s)) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        """Yields the chunks as they arrive, then the TalkResult; leaving early aborts the reply."""
+        return iterate_on_loop(lambda: self._client.talk(npc_id, player_id, text), self._loop, self.timeout_s,
+                               lambda: TimeoutError(f"talk to {npc_id!r}: nothing for {self.timeout_s} s"))
 
     def act(self, npc_id: str, context: ActContext | Mapping) -> ActResult:
         return self._call(self._client.act(npc_id, context))

@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
@@ -44,6 +43,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from plugin_bindings._sync import iterate_on_loop
 from tier_scheduler.game_wire import (
     DEFAULT_LIMITS,
     REPLY_BIT,
@@ -76,7 +76,6 @@ from tier_scheduler.game_wire import (
 log = logging.getLogger(__name__)
 T = GameMsgType
 E = GameErrorCode
-_END = object()
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -488,36 +487,10 @@ class RemoteGameClient:
         self._call(self._client.set_override(npc_id, forced=forced, relationship=relationship))
 
     def talk(self, npc_id: str, player_id: str, text: str) -> Iterator[str | TalkResult]:
-        """Yields the chunks as they arrive, then the TalkResult; leaving early cancels the reply."""
-        items: queue.Queue = queue.Queue()
-
-        async def pump():
-            try:
-                async for item in self._client.talk(npc_id, player_id, text):
-                    items.put(item)
-            except BaseException as e:
-                items.put(e)
-            finally:
-                items.put(_END)
-
-        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
-        finished = False
-        try:
-            while True:
-                try:
-                    item = items.get(timeout=self.timeout_s + 5.0)
-                except queue.Empty:
-                    raise RemoteTimeout(f"talk to {npc_id!r}: nothing for {self.timeout_s + 5.0} s") from None
-                if item is _END:
-                    finished = True
-                    return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                yield item
-        finally:
-            if not finished:
-                future.cancel()  # closes the async talk on its loop, which sends CANCEL
+        """Yields the chunks as they arrive, then the TalkResult; leaving early cancels the reply (CANCEL)."""
+        limit = self.timeout_s + 5.0
+        return iterate_on_loop(lambda: self._client.talk(npc_id, player_id, text), self._loop, limit,
+                               lambda: RemoteTimeout(f"talk to {npc_id!r}: nothing for {limit} s"))
 
     def act(self, npc_id: str, context: ActContext | Mapping) -> ActResult:
         return self._call(self._client.act(npc_id, context))
