@@ -6,10 +6,12 @@ loops over:
      after the first one arrives;
   2. decode and validate every entry; a bad one is copied to the dead-letter stream `<prefix>outbox:dead`
      with the reason, so one bad event never blocks the others;
-  3. COPY the good ones (asyncpg `copy_records_to_table`) into a TEMP staging table, then
+  3. COPY the good ones (asyncpg `copy_records_to_table`) into a TEMP staging table, then in one
+     statement (one transaction, one WAL flush) move them out of it with
      INSERT ... SELECT ... ON CONFLICT (event_id) DO NOTHING into the ledger and the weekly partitions
-     (memory/archive_schema.py), and COMMIT;
-  4. only after the commit, XACK + XDEL the entries in one MULTI, so the outbox only holds unarchived events.
+     (memory/archive_schema.py);
+  4. only after the commit, XACK + XDEL the entries atomically (in the script that reads the worker's next
+     batch, or in one MULTI with the dead letters), so the outbox only holds unarchived events.
 A crash between 3 and 4 leaves archived entries pending: they are delivered again (to this consumer name at
 its next start, or to any archiver through XAUTOCLAIM once idle for `claim_min_idle_ms`) and the ledger
 turns the second insert into a no-op. At least once + idempotent insert = every event exactly once.
@@ -50,7 +52,7 @@ import redis.exceptions
 
 from memory import archive_schema
 from memory.config import MemoryConfig
-from memory.events import OutboxEvent, outbox_stream
+from memory.events import outbox_stream, parse_fields
 from memory.services import database_url, redis_url
 
 log = logging.getLogger("npc-archiver")
@@ -167,25 +169,31 @@ def decode_entry(entry: Mapping[str, str]) -> ArchiveRow:
     if "\\u0000" in payload:
         raise BadEvent("payload contains \\u0000, which PostgreSQL jsonb cannot store")
     try:
-        event = OutboxEvent.from_fields(entry)
+        event_id, kind, npc_id, player_id, ts, body = parse_fields(entry)
     except ValueError as exc:
         raise BadEvent(str(exc)) from None
-    if event.ts >= MAX_TS:
-        raise BadEvent(f"ts: {event.ts} is at or after 2100-01-01 ({MAX_TS:.0f} epoch seconds)")
-    session_id = event.payload.get("session_id")
-    if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_NAME_CHARS or "\0" in session_id:
+    if ts >= MAX_TS:
+        raise BadEvent(f"ts: {ts} is at or after 2100-01-01 ({MAX_TS:.0f} epoch seconds)")
+    session_id = body.get("session_id")
+    if type(session_id) is not str or not 0 < len(session_id) <= MAX_NAME_CHARS or "\0" in session_id:
         session_id = None
-    return ArchiveRow(event.event_id, event.kind, event.npc_id, event.player_id, event.ts, session_id,
-                      payload)
+    return ArchiveRow(event_id, kind, npc_id, player_id, ts, session_id, payload)
 
 
 # ----------------------------------------------------------------------------------------------- Redis
 
 Entry = tuple[str, dict[str, str] | None]  # (stream entry id, fields); fields None once the entry is deleted
 
-# KEYS[1] outbox; ARGV group, consumer, count, id ('>' new entries, '0' this consumer's pending ones).
-# Scripts cannot block, so this never waits; cjson turns an empty table into '{}', read as "nothing".
+# KEYS[1] outbox; ARGV group, consumer, count, id ('>' new entries, '0' this consumer's pending ones), then
+# the ids of entries archived since the last read, which are first XACKed and XDELed: a worker acknowledges
+# its committed batch in the same round trip as it reads the next one. Scripts cannot block, so this never
+# waits; cjson turns an empty table into '{}', read as "nothing".
 _READ_SCRIPT = """
+for i = 5, #ARGV, 1000 do
+    local last = math.min(i + 999, #ARGV)
+    redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, last))
+    redis.call('XDEL', KEYS[1], unpack(ARGV, i, last))
+end
 local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
                          'STREAMS', KEYS[1], ARGV[4])
 if not reply then return '[]' end
@@ -239,11 +247,12 @@ class Outbox:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def read(self, count: int, own_pending: bool = False) -> list[Entry]:
-        """Up to count new entries (or this consumer's own pending ones), without waiting."""
+    async def read(self, count: int, own_pending: bool = False, ack: Sequence[str] = ()) -> list[Entry]:
+        """Up to count new entries (or this consumer's own pending ones), without waiting; first XACKs and
+        XDELs the entries `ack` (archived ones: the same as ack(ack, []), in the same round trip)."""
         cfg = self.cfg
         raw = await self._read(keys=[cfg.stream], args=[cfg.group, cfg.consumer, count,
-                                                        "0" if own_pending else ">"])
+                                                        "0" if own_pending else ">", *ack])
         return _entries_from_json(raw)
 
     async def wait_first(self, block_ms: int) -> list[Entry]:
@@ -286,24 +295,30 @@ class Outbox:
 
 # ------------------------------------------------------------------------------------------ PostgreSQL
 
+# A batch costs two round trips and one WAL flush. The COPY runs on its own (autocommit) into this
+# session's TEMP table: temp tables write no WAL, so that commit flushes nothing. Then ONE statement (its own
+# transaction, the only durable commit) empties the staging table and archives its rows; if it fails, its
+# DELETE rolls back with it and PgWriter.write empties the table before the next batch.
 _STAGING_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS archiver_staging (
     event_id uuid, kind text, npc_id text, player_id text, ts double precision, session_id text,
     payload jsonb
-) ON COMMIT DELETE ROWS
+)
 """
 # The ledger insert returns only the ids it actually inserted; only those rows reach `events`. One statement,
 # so a redelivered batch (or two archivers racing on one entry) archives each event once.
 _INSERT_SQL = """
-WITH fresh AS (
+WITH staged AS (
+    DELETE FROM archiver_staging RETURNING *
+), fresh AS (
     INSERT INTO {s}.event_ids (event_id, ts)
-    SELECT event_id, to_timestamp(ts) FROM archiver_staging
+    SELECT event_id, to_timestamp(ts) FROM staged
     ON CONFLICT (event_id) DO NOTHING
     RETURNING event_id
 )
 INSERT INTO {s}.events (event_id, kind, npc_id, player_id, ts, session_id, payload)
 SELECT st.event_id, st.kind, st.npc_id, st.player_id, to_timestamp(st.ts), st.session_id, st.payload
-FROM archiver_staging st JOIN fresh USING (event_id)
+FROM staged st JOIN fresh USING (event_id)
 """
 
 
@@ -330,10 +345,26 @@ class PgWriter:
         if missing:
             await archive_schema.ensure_partitions(conn, missing, self.cfg.schema)
             self.weeks |= missing
-        async with conn.transaction():
+        try:
             await conn.copy_records_to_table("archiver_staging", records=rows)
             status = await conn.execute(self.insert_sql)
+        except Exception:
+            await self._empty_staging()
+            raise
+        except BaseException:  # cancelled mid-statement: the connection's state is unknown
+            self.drop()
+            raise
         return int(status.rsplit(" ", 1)[-1])  # "INSERT 0 <rows>"
+
+    async def _empty_staging(self) -> None:
+        # After a failed batch the staging table may still hold its rows (the DELETE rolled back); the next
+        # batch must not archive them twice over. A connection that cannot do this is dropped instead.
+        if self.conn is None or self.conn.is_closed():
+            return
+        try:
+            await self.conn.execute("TRUNCATE archiver_staging")
+        except Exception:
+            self.drop()
 
     async def _connection(self) -> asyncpg.Connection:
         if self.conn is None or self.conn.is_closed():
@@ -453,23 +484,27 @@ class Archiver:
 
     async def _worker(self, once: bool) -> None:
         writer = PgWriter(self.cfg)
+        archived: list[str] = []  # entry ids committed to PostgreSQL and not yet acknowledged
         try:
             while not self.stopping.is_set():
-                entries = await self._with_redis_retry(self._read_batch)
+                entries = await self._with_redis_retry(lambda ack=archived: self._read_batch(ack))
+                archived = []  # the read acknowledged them
                 if entries:
-                    await self._process(entries, writer)
+                    archived = await self._process(entries, writer, defer_ack=True)
                 elif once:
                     return
+            if archived:  # stopping: what was committed is acknowledged before the worker ends
+                await self._with_redis_retry(lambda: self.outbox.ack(archived, []))
         except _Stopped:
             pass
         finally:
             await writer.close()
 
-    async def _read_batch(self) -> list[Entry]:
+    async def _read_batch(self, ack: Sequence[str] = ()) -> list[Entry]:
         """Up to batch_max new entries: waits batch_wait_ms for the first, then up to batch_wait_ms more
-        (polling every FILL_POLL_S) for the batch to fill."""
+        (polling every FILL_POLL_S) for the batch to fill. The first read acknowledges `ack`."""
         cfg = self.cfg
-        entries = await self.outbox.read(cfg.batch_max)
+        entries = await self.outbox.read(cfg.batch_max, ack=ack)
         if not entries:
             entries = await self.outbox.wait_first(cfg.batch_wait_ms)
             if not entries:
@@ -486,21 +521,27 @@ class Archiver:
         self.stats.read += len(entries)
         return entries
 
-    async def _process(self, entries: list[Entry], writer: PgWriter) -> None:
-        """Archives one batch, then acknowledges it; leaves it pending if told to stop before the commit."""
+    async def _process(self, entries: list[Entry], writer: PgWriter, defer_ack: bool = False) -> list[str]:
+        """Archives one batch, then acknowledges it; leaves it pending if told to stop before the commit.
+        With defer_ack, a batch without dead letters is not acknowledged here: its entry ids are returned
+        for the worker's next read to acknowledge (one round trip fewer per batch)."""
         rows, dead = _decode_batch(entries)
         if rows:
             refused = await self._archive(writer, [row for row, _ in rows.values()])
             if refused is None:
-                return
+                return []
             dead += [(*rows[row.event_id][1], reason) for row, reason in refused]
         if self.cfg.ack_delay_ms:
             await asyncio.sleep(self.cfg.ack_delay_ms / 1000)
-        await self._with_redis_retry(lambda: self.outbox.ack([entry_id for entry_id, _ in entries], dead))
+        ids = [entry_id for entry_id, _ in entries]
+        self.stats.batches += 1
+        if defer_ack and not dead:
+            return ids
+        await self._with_redis_retry(lambda: self.outbox.ack(ids, dead))
         for entry_id, _, reason in dead:
             log.warning("dead-lettered outbox entry %s to %s: %s", entry_id, self.cfg.dead_stream, reason)
-        self.stats.batches += 1
         self.stats.dead += len(dead)
+        return []
 
     async def _archive(self, writer: PgWriter, rows: list[ArchiveRow]) -> list[tuple[ArchiveRow, str]] | None:
         """Commits rows, retrying with backoff; returns the rows PostgreSQL refused as bad data (with its

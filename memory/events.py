@@ -22,6 +22,7 @@ must treat the event_id as the key, never the stream entry id.
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -63,20 +64,45 @@ class OutboxEvent:
     @classmethod
     def from_fields(cls, raw: Mapping) -> OutboxEvent:
         """Parses a stream entry's fields (bytes or str keys and values); ValueError names a bad field."""
-        fields = {_text(k): _text(v) for k, v in raw.items()}
-        missing = [name for name in OUTBOX_FIELDS if name not in fields]
+        event_id, kind, npc_id, player_id, ts, payload = parse_fields(raw)
+        return cls(kind=kind, npc_id=npc_id, player_id=player_id, ts=ts, payload=payload, event_id=event_id)
+
+
+_OUTBOX_VALUES = operator.itemgetter(*OUTBOX_FIELDS)
+_EVENT_KINDS = frozenset(EVENT_KINDS)
+
+
+def parse_fields(raw: Mapping) -> tuple[str, str, str, str, float, dict]:
+    """(event_id, kind, npc_id, player_id, ts, payload) of a stream entry's fields, each checked as
+    OutboxEvent checks it, without building one: the archiver's per-event path (~6 us instead of ~14).
+    Keys and values may be bytes or str; ValueError names the bad field."""
+    try:
+        values = _OUTBOX_VALUES(raw)
+    except KeyError:
+        raw = {_text(k): v for k, v in raw.items()}
+        missing = [name for name in OUTBOX_FIELDS if name not in raw]
         if missing:
-            raise ValueError(f"outbox entry: missing fields {missing}")
-        try:
-            ts = float(fields["ts"])
-        except ValueError as e:
-            raise ValueError(f"ts: not a number: {fields['ts']!r}") from e
-        try:
-            payload = json.loads(fields["payload"])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"payload: not valid JSON: {e}") from e
-        return cls(kind=fields["kind"], npc_id=fields["npc_id"], player_id=fields["player_id"], ts=ts,
-                   payload=payload, event_id=fields["event_id"])
+            raise ValueError(f"outbox entry: missing fields {missing}") from None
+        values = _OUTBOX_VALUES(raw)
+    event_id, kind, npc_id, player_id, ts_text, payload_text = (
+        v if type(v) is str else _text(v) for v in values)
+    if kind not in _EVENT_KINDS:
+        raise ValueError(f"kind: must be one of {EVENT_KINDS}, got {kind!r}")
+    check_id(npc_id, "npc_id")
+    check_id(player_id, "player_id")
+    try:
+        ts = float(ts_text)
+    except ValueError as e:
+        raise ValueError(f"ts: not a number: {ts_text!r}") from e
+    ts = check_ts(ts)
+    try:
+        payload = json.loads(payload_text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"payload: not valid JSON: {e}") from e
+    if type(payload) is not dict:
+        raise ValueError(f"payload: must be a dict (a JSON object), got {type(payload).__name__}")
+    check_hex_id(event_id, "event_id")
+    return event_id, kind, npc_id, player_id, ts, payload
 
 
 def _text(value: bytes | str) -> str:

@@ -27,7 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from memory import archive_schema, compaction, restore, services
-from memory.archiver import Archiver, ArchiverConfig, BadEvent, decode_entry
+from memory.archiver import Archiver, ArchiverConfig, BadEvent, PgWriter, decode_entry
 from memory.config import MemoryConfig
 from memory.events import GameEvent, OutboxEvent, outbox_stream
 from memory.records import EmotionPoint, Fact, Summary, Turn
@@ -233,6 +233,34 @@ def test_batches_duplicates_and_dead_letters(names):
     stats = asyncio.run(Archiver(_config(prefix, schema)).run(once=True))
     assert (stats.archived, stats.duplicates) == (0, 50)
     assert len(_archived(schema)) == 250
+
+
+def test_a_failed_batch_leaves_nothing_in_the_staging_table(names):
+    # The COPY commits on its own into the TEMP staging table; the archiving statement then empties it. When
+    # that statement fails, its DELETE rolls back with it: the writer must empty the table itself, or the
+    # rows would ride along with every later batch (and a bad one would get good batches dead-lettered).
+    prefix, schema = names
+    asyncio.run(Archiver(_config(prefix, schema)).run(once=True))  # schema and this week's partitions
+    rows = [decode_entry(e.to_fields()) for e in _turn_events(30, NOW - 400 * DAY)]  # a week never created
+
+    async def scenario():
+        writer = PgWriter(_config(prefix, schema))
+        try:
+            await writer._connection()
+            writer.weeks.add(archive_schema.week_start(rows[0].ts))  # claimed, but not there
+            with pytest.raises(asyncpg.PostgresError, match="no partition"):
+                await writer.write(rows)
+            assert writer.conn is not None and not writer.conn.is_closed()  # kept, and usable:
+            assert await writer.conn.fetchval("SELECT count(*) FROM archiver_staging") == 0
+            writer.weeks.clear()
+            assert await writer.write(rows) == 30  # the partition is created now, and each row goes in once
+            assert await writer.write(rows[:10]) == 0
+            assert await writer.conn.fetchval("SELECT count(*) FROM archiver_staging") == 0
+        finally:
+            await writer.close()
+
+    asyncio.run(scenario())
+    assert sorted(_archived(schema)) == sorted(r.event_id for r in rows)
 
 
 def test_pending_entries_of_a_dead_consumer_are_reclaimed(names):

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from memory.config import MemoryConfig
-from memory.events import OUTBOX_FIELDS, OUTBOX_STREAM_SUFFIX, OutboxEvent, outbox_stream
+from memory.events import OUTBOX_FIELDS, OUTBOX_STREAM_SUFFIX, OutboxEvent, outbox_stream, parse_fields
 from memory.hot_cache import HotCache, PairMemory
 from memory.nearline import RESTORE_SPACING_S, merge_facts, restamp
 from memory.records import EmotionPoint, Fact, Summary, Turn, new_id
@@ -93,8 +93,28 @@ def test_outbox_event_rejects_bad_fields(change, message):
     fields = {**OutboxEvent("turn", "vlad", "p1", T0, {}).to_fields(), **change}
     with pytest.raises(ValueError, match=message):
         OutboxEvent.from_fields(fields)
+    with pytest.raises(ValueError, match=message):  # the archiver's path: the same checks, no object built
+        parse_fields(fields)
+    with pytest.raises(ValueError, match=message):
+        parse_fields({k.encode(): v.encode() for k, v in fields.items()})
     with pytest.raises(ValueError, match="missing fields"):
         OutboxEvent.from_fields({"kind": "turn"})
+    with pytest.raises(ValueError, match=r"missing fields \['event_id', 'npc_id'"):
+        parse_fields({b"kind": b"turn", b"player_id": b"p1", b"ts": b"1.0", b"payload": b"{}"})
+
+
+@pytest.mark.parametrize("ts", ["nan", "inf", "-1.0"])
+def test_outbox_event_rejects_times_that_are_not_epoch_seconds(ts):
+    fields = {**OutboxEvent("turn", "vlad", "p1", T0, {}).to_fields(), "ts": ts}
+    with pytest.raises(ValueError, match="ts: must be a finite number"):
+        parse_fields(fields)
+
+
+def test_parse_fields_agrees_with_the_event_it_parses():
+    event = OutboxEvent("turn", "vlad", "p1", T0, {"text": "Ünïcode ok", "session_id": "s1"})
+    as_read = {k.encode(): v.encode() for k, v in event.to_fields().items()}  # what redis-py returns
+    assert parse_fields(as_read) == parse_fields(event.to_fields()) == (
+        event.event_id, "turn", "vlad", "p1", T0, {"text": "Ünïcode ok", "session_id": "s1"})
 
 
 # ---------------------------------------------------------------------------------------- hot cache
