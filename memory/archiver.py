@@ -6,10 +6,9 @@ loops over:
      after the first one arrives;
   2. decode and validate every entry; a bad one is copied to the dead-letter stream `<prefix>outbox:dead`
      with the reason, so one bad event never blocks the others;
-  3. COPY the good ones (asyncpg `copy_records_to_table`) into a TEMP staging table, then in one
-     statement (one transaction, one WAL flush) move them out of it with
+  3. COPY the good ones (asyncpg `copy_records_to_table`) into a TEMP staging table, then
      INSERT ... SELECT ... ON CONFLICT (event_id) DO NOTHING into the ledger and the weekly partitions
-     (memory/archive_schema.py);
+     (memory/archive_schema.py), and COMMIT;
   4. only after the commit, XACK + XDEL the entries atomically (in the script that reads the worker's next
      batch, or in one MULTI with the dead letters), so the outbox only holds unarchived events.
 A crash between 3 and 4 leaves archived entries pending: they are delivered again (to this consumer name at
@@ -295,30 +294,27 @@ class Outbox:
 
 # ------------------------------------------------------------------------------------------ PostgreSQL
 
-# A batch costs two round trips and one WAL flush. The COPY runs on its own (autocommit) into this
-# session's TEMP table: temp tables write no WAL, so that commit flushes nothing. Then ONE statement (its own
-# transaction, the only durable commit) empties the staging table and archives its rows; if it fails, its
-# DELETE rolls back with it and PgWriter.write empties the table before the next batch.
+# The staging table empties itself at every commit (ON COMMIT DELETE ROWS truncates it in place). Not a
+# DELETE of the staged rows in an autocommitted statement: autovacuum never visits TEMP tables, so every
+# batch would leave its dead rows behind for good and each later scan of the table would read them all.
 _STAGING_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS archiver_staging (
     event_id uuid, kind text, npc_id text, player_id text, ts double precision, session_id text,
     payload jsonb
-)
+) ON COMMIT DELETE ROWS
 """
 # The ledger insert returns only the ids it actually inserted; only those rows reach `events`. One statement,
 # so a redelivered batch (or two archivers racing on one entry) archives each event once.
 _INSERT_SQL = """
-WITH staged AS (
-    DELETE FROM archiver_staging RETURNING *
-), fresh AS (
+WITH fresh AS (
     INSERT INTO {s}.event_ids (event_id, ts)
-    SELECT event_id, to_timestamp(ts) FROM staged
+    SELECT event_id, to_timestamp(ts) FROM archiver_staging
     ON CONFLICT (event_id) DO NOTHING
     RETURNING event_id
 )
 INSERT INTO {s}.events (event_id, kind, npc_id, player_id, ts, session_id, payload)
 SELECT st.event_id, st.kind, st.npc_id, st.player_id, to_timestamp(st.ts), st.session_id, st.payload
-FROM staged st JOIN fresh USING (event_id)
+FROM archiver_staging st JOIN fresh USING (event_id)
 """
 
 
@@ -345,26 +341,10 @@ class PgWriter:
         if missing:
             await archive_schema.ensure_partitions(conn, missing, self.cfg.schema)
             self.weeks |= missing
-        try:
+        async with conn.transaction():
             await conn.copy_records_to_table("archiver_staging", records=rows)
             status = await conn.execute(self.insert_sql)
-        except Exception:
-            await self._empty_staging()
-            raise
-        except BaseException:  # cancelled mid-statement: the connection's state is unknown
-            self.drop()
-            raise
         return int(status.rsplit(" ", 1)[-1])  # "INSERT 0 <rows>"
-
-    async def _empty_staging(self) -> None:
-        # After a failed batch the staging table may still hold its rows (the DELETE rolled back); the next
-        # batch must not archive them twice over. A connection that cannot do this is dropped instead.
-        if self.conn is None or self.conn.is_closed():
-            return
-        try:
-            await self.conn.execute("TRUNCATE archiver_staging")
-        except Exception:
-            self.drop()
 
     async def _connection(self) -> asyncpg.Connection:
         if self.conn is None or self.conn.is_closed():
