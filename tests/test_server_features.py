@@ -24,7 +24,7 @@ from memory.services import redis_url
 from tests import test_e2e_talk as e2e
 from tests.test_worker import serve_adapters
 from tier_scheduler import actions, prompts
-from tier_scheduler.config import Tier
+from tier_scheduler.config import SchedulerConfig, Tier
 from tier_scheduler.server import (
     EMOTION_CUE,
     EMOTION_EBNF,
@@ -442,3 +442,61 @@ def test_registry_stacks_degrade_never_fail_and_load_in_the_background(worker_en
         assert not result.degraded, result.reason
     on_worker = set(held["resident"]) | set(held["cpu"])
     assert set(DELTA_FILES) <= on_worker
+
+
+# --------------------------------------------------------------------------------- session summaries
+
+
+def test_session_end_is_summarized_by_the_worker_in_the_background_lane(worker_endpoint, tokenizer, prefix):
+    npc = "vamp-summary"
+
+    async def go(server, worker, memory):
+        assert memory.summarize == server.summarize_turns  # the store's summaries are now the worker's
+        server.register_npc(npc, "vampire", "nosferatu", position=(3.0, 0.0, 0.0), name="Mirela")
+        await server.tick({PLAYER: NEAR})
+        await asyncio.gather(*server._background)
+        for line in ("Good evening, Mirela.", "I promised to bring you the silver dagger.",
+                     "The hunters killed my brother at the river."):
+            await _talk(server, npc, line)
+        turns = (await memory.prefetch(npc, PLAYER)).turns
+        submitted = spy_submit(worker)
+        outcome = await memory.end_session(npc, PLAYER)
+        return outcome, turns, items_of(submitted), dict(server.counters)
+
+    outcome, turns, items, counters = run(_with_server(worker_endpoint, tokenizer, prefix, go))
+    (request,) = items  # one request: the summary, on the base model
+    assert isinstance(request, Request) and request.adapters == ()
+    assert request.request_id.startswith("summary-")
+    assert request.params.max_tokens == SchedulerConfig().summary_max_tokens
+    prompt = tokenizer.decode(request.prompt)
+    assert prompt.startswith(prompts.SUMMARY_INSTRUCTION) and prompt.endswith(prompts.SUMMARY_CUE)
+    assert turns and all(prompts.one_line(t.text) in prompt for t in turns)  # (a barked talk records none)
+    assert counters["summaries"] == 1 and counters["worker_errors"] == 0
+    # The random model's words, fitted to 300-600 characters (topped up from the turns when shorter).
+    assert outcome.method == "worker" and 300 <= len(outcome.summary_text) <= 600
+    assert not prompts.CONTROL_CHARS.search(outcome.summary_text)
+
+
+def test_summary_prompt_keeps_the_newest_turns_and_says_how_many_it_left_out():
+    turns = [prompts.Line("player" if i % 2 else "npc", f"line {i} " + "x" * 90) for i in range(100)]
+    pieces = prompts.summary_pieces(turns, max_chars=1_000)
+    shown = [p for p in pieces if p.startswith(("Player:", "Me:"))]
+    assert 5 <= len(shown) < 100 and sum(map(len, shown)) <= 1_000
+    assert shown[-1].startswith("Player: line 99")
+    assert pieces[2] == f"({100 - len(shown)} earlier lines not shown)\n"
+    assert "".join(prompts.summary_pieces(turns[:3])).count("\n") == 2 + 3 + 1 + 1  # nothing left out
+
+
+def test_without_worker_summaries_or_after_close_the_store_keeps_its_own(worker_endpoint, tokenizer, prefix):
+    async def go(server, worker, memory):
+        assert memory.summarize is None
+        return True
+
+    assert run(_with_server(worker_endpoint, tokenizer, prefix, go,
+                            server_config=ServerConfig(worker_summaries=False)))
+
+    async def closed(server, worker, memory):
+        await server.close()
+        return memory.summarize
+
+    assert run(_with_server(worker_endpoint, tokenizer, prefix, closed)) is None

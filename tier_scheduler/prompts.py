@@ -172,6 +172,29 @@ def turn_pieces(turn: HasSpeakerText) -> tuple[str, ...]:
     raise ValueError(f"turn.speaker: must be 'player' or 'npc', got {turn.speaker!r}")
 
 
+SUMMARY_INSTRUCTION = ("[Task]\nSummarize this conversation between the player and me in three to five "
+                       "sentences. Keep names, promises, gifts, threats, debts and quests.\n")
+SUMMARY_CUE = "[Summary]\n"
+SUMMARY_TRANSCRIPT_CHARS = 6_000  # the newest turns that fit; older ones are named by count only
+
+
+def summary_pieces(turns: Sequence[HasSpeakerText],
+                   max_chars: int = SUMMARY_TRANSCRIPT_CHARS) -> tuple[str, ...]:
+    """The prompt of a session summary (the worker's, at session end): the instruction, the transcript
+    (the newest turns within max_chars, with a line saying how many older ones were left out), the cue."""
+    lines, used = [], 0
+    for turn in reversed(turns):
+        who = "Player" if turn.speaker == "player" else "Me"
+        line = f"{who}: {one_line(turn.text)}\n"
+        if lines and used + len(line) > max_chars:
+            break
+        lines.append(line)
+        used += len(line)
+    left_out = len(turns) - len(lines)
+    head = (f"({left_out} earlier lines not shown)\n",) if left_out else ()
+    return (SUMMARY_INSTRUCTION, "[Conversation]\n", *head, *reversed(lines), SUMMARY_CUE)
+
+
 def input_pieces(kind: str, new_input: str, max_chars: int) -> tuple[str, ...]:
     """The new input: a talk prompt ends "Player: <input>\\n" + "Me:", an act prompt with the situation
     (from the game) and the action cue."""

@@ -23,6 +23,9 @@ What it does:
   takes its tier once at its start, so a demotion never cuts a reply in progress; NPCs promoted to Gold
   get their memory prefetched (cards + turns) for the nearest player, in one pipelined round trip, and
   their prompt prefix warmed in the worker (background);
+- session summaries: unless told otherwise (ServerConfig.worker_summaries) the server makes the memory
+  store's end_session summaries the worker's: one "summary" request in the Bronze lane on the base model
+  (summarize_turns); when it is shed, expires or fails, the store writes its extractive summary instead;
 - talk: Gold/Silver build the DESIGN.md prompt from MemoryStore.prefetch's context (tier limits from
   SchedulerConfig), tokenized piece by piece, queued in tier_scheduler.queues (deadlines, shedding), sent
   in batches by the dispatcher, streamed back and detokenized incrementally; Bronze answers with a bark
@@ -153,9 +156,14 @@ class ServerConfig:
     registry_timeout_s: float = 1.0
     registry_retry_s: float = 5.0
     load_registered: bool = True
+    # Session summaries by the worker: the memory store's end_session asks for one low-priority "summary"
+    # request (base model, no adapters; the Bronze lane, first shed under load) unless the store already
+    # has a summarizer; without an answer in time it falls back to its extractive summary.
+    worker_summaries: bool = True
+    summary_temperature: float = 0.3
 
     def __post_init__(self):
-        for name in ("talk_temperature", "act_temperature"):
+        for name in ("talk_temperature", "act_temperature", "summary_temperature"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"ServerConfig.{name} must be a finite number >= 0, got {value!r}")
@@ -278,7 +286,12 @@ class SchedulerServer:
         self._background: set[asyncio.Task] = set()
         self.counters = dict.fromkeys(("talks", "acts", "barks", "degraded", "shed", "invalid_actions",
                                        "worker_errors", "prefetches", "warmed", "worker_requests",
-                                       "talk_chains", "horde_acts", "stack_resolves", "adapter_loads"), 0)
+                                       "talk_chains", "horde_acts", "stack_resolves", "adapter_loads",
+                                       "summaries"), 0)
+        self._summarizes_memory = (self.server_config.worker_summaries and memory is not None
+                                   and getattr(memory, "summarize", False) is None)
+        if self._summarizes_memory:
+            memory.summarize = self.summarize_turns
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -296,6 +309,9 @@ class SchedulerServer:
         self._resolve_outcomes(self.queues.drain("the scheduler is shutting down"))
         for task in list(self._background):
             task.cancel()
+        if self._summarizes_memory:  # no dispatcher left to carry a summary request
+            self.memory.summarize = None
+            self._summarizes_memory = False
 
     def mark_resident(self, names: Iterable[str], resident: bool = True) -> None:
         """Adapters the worker holds (loaded at its start or by load_adapter): only those are used."""
@@ -604,7 +620,7 @@ class SchedulerServer:
                                                request_id)
             last_step = len(request.steps) - 1
             self.counters["talk_chains"] += 1
-        stream = await self._enqueue(actor, tier, "talk", request, tokens)
+        stream = await self._enqueue(actor.npc_id, tier, "talk", request, tokens)
         if isinstance(stream, str):  # shed / expired / refused / worker error: answer with a bark
             yield self._bark_result(actor, "alert", stream, tier)
             return
@@ -709,7 +725,7 @@ class SchedulerServer:
         params = _sampling(self.server_config, self.config.max_new_tokens(tier, "act"),
                            self.server_config.act_temperature)
         request = _worker_request(ids, choice.adapters, params, self._request_id(actor, "act"), grammar)
-        stream = await self._enqueue(actor, tier, "act", request, len(ids))
+        stream = await self._enqueue(actor.npc_id, tier, "act", request, len(ids))
         if isinstance(stream, str):
             return "", stream
         try:
@@ -724,12 +740,11 @@ class SchedulerServer:
 
     # ------------------------------------------------------------------------------------- queueing
 
-    async def _enqueue(self, actor: NpcActor, tier: Tier, kind: str, request, tokens: int):
+    async def _enqueue(self, npc_id: str, tier: Tier, kind: str, request, tokens: int):
         """Queues a worker request; returns its RequestStream once a batch carried it, or the reason it
         never ran (an explicit outcome of the queues, or the worker refusing the batch)."""
         future = asyncio.get_running_loop().create_future()
-        queued = QueuedRequest(request.request_id, actor.npc_id, tier, kind, tokens,
-                               payload=(request, future))
+        queued = QueuedRequest(request.request_id, npc_id, tier, kind, tokens, payload=(request, future))
         self._resolve_outcomes(self.queues.push(queued, time.monotonic()))
         self._wake.set()
         try:
@@ -873,9 +888,35 @@ class SchedulerServer:
         finally:
             self._loading.discard(name)
 
-    def _request_id(self, actor: NpcActor, kind: str) -> str:
+    def _request_id(self, actor: NpcActor | str, kind: str) -> str:
         # Unique per process (the worker refuses a duplicate in flight); printable ASCII, no spaces.
-        return f"{kind}-{next(self._seq)}-{actor.npc_id}"[:128].replace(" ", "_")
+        owner = actor if isinstance(actor, str) else actor.npc_id
+        return f"{kind}-{next(self._seq)}-{owner}"[:128].replace(" ", "_")
+
+    # ------------------------------------------------------------------------------ session summaries
+
+    async def summarize_turns(self, turns: Sequence) -> str:
+        """A session summary written by the worker (the memory store's `summarize` when this server set
+        it): one "summary" request in the Bronze lane, on the base model, prompt
+        prompts.summary_pieces. Raises when it does not run (shed, expired, worker error): the store then
+        falls back to its extractive summary."""
+        if not turns:
+            return ""
+        ids = self.pieces.encode(prompts.summary_pieces(turns))
+        params = _sampling(self.server_config, self.config.summary_max_tokens,
+                           self.server_config.summary_temperature)
+        request = _worker_request(ids, (), params, self._request_id("memory", "summary"))
+        stream = await self._enqueue("memory", Tier.BRONZE, "summary", request, len(ids))
+        if isinstance(stream, str):
+            raise RuntimeError(f"the summary request did not run: {stream}")
+        try:
+            result = await stream.result(self.server_config.worker_timeout_s)
+        except Exception:
+            self.counters["worker_errors"] += 1
+            raise
+        self.counters["summaries"] += 1
+        text = self.tokenizer.decode(list(result.steps[0].token_ids), skip_special_tokens=True)
+        return prompts.drop_control_chars(text)
 
     def stats(self) -> dict:
         return {**self.counters, "npcs": len(self._ids), "tiers": _tier_counts(self.tiers.tiers),
