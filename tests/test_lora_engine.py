@@ -187,3 +187,23 @@ def test_unload_and_evicted_host_copy_reload(qwen2_dir, adapters, references):
     engine.unload_adapter("attn_r4")
     with pytest.raises(ValueError, match="unknown adapter"):
         engine.add_request(Request(prompt=[1], adapters=("attn_r4",)))
+
+
+def test_a_reused_slot_holds_exactly_the_new_adapter(qwen2_dir, adapters):
+    # swap_in writes every element of the slot once (the adapter's A^T / B^T, zeros for rank padding and
+    # for untargeted modules) instead of zeroing it first: nothing of the previous tenant may survive.
+    config = dict(lora=LoRAConfig(max_loras=2, max_cpu_loras=8))
+    used = lora_engine(qwen2_dir, adapters, **config).lora
+    fresh = lora_engine(qwen2_dir, adapters, **config).lora
+    fresh.swap_in("all_r64", 0)  # the same rank width (64), slot 1 left untouched
+    for name in ("all_r64", "rslora_r32", "mlp_r16"):  # every module and all 64 rank columns written
+        used.swap_in(name, 1)
+    assert used.rank_width == fresh.rank_width == 64  # rank-4 and rank-8 adapters leave padding
+    for name in ("attn_r4", "pattern_r8"):  # attention only, rank 4; per-module ranks 8 and 4
+        used.swap_in(name, 1)
+        fresh.swap_in(name, 1)
+        for layer_used, layer_fresh in zip(used.weights, fresh.weights, strict=True):
+            for (at, bts), (at_f, bts_f) in zip(layer_used.values(), layer_fresh.values(), strict=True):
+                assert torch.equal(at[1], at_f[1])
+                assert all(torch.equal(bt[1], bt_f[1]) for bt, bt_f in zip(bts, bts_f, strict=True))
+        fresh.swap_in("all_r64", 1)  # the next round's fresh pool starts from another tenant, too

@@ -42,7 +42,8 @@ class LoRAAdapter:
     name: str
     path: str
     sha256: str
-    # (layer, module) -> (A [r, in], B [out, r] with the scale folded in), on the CPU in the engine's dtype
+    # (layer, module) -> (A^T [in, r], B^T [r, out] with the scale folded in), contiguous, on the CPU in the
+    # engine's dtype: already the pool's layout (AdapterPool.swap_in copies them without a transposed read)
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
     module_ranks: dict[str, int] = field(default_factory=dict)  # max rank over layers, per module
 
@@ -125,7 +126,7 @@ def load_peft_adapter(name: str, path: str | Path, args: ModelArgs, dtype: torch
         module_key = prefixes[(layer, module)].removeprefix("base_model.model.")
         alpha = _pattern_value(config.get("alpha_pattern"), module_key, config.get("lora_alpha", r))
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        weights[(layer, module)] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+        weights[(layer, module)] = (a.T.to(dtype).contiguous(), (b.float() * scale).T.to(dtype).contiguous())
         ranks[module] = max(ranks.get(module, 0), r)
     return LoRAAdapter(name=name, path=str(path), sha256=_sha256(weights_path), weights=weights,
                        module_ranks=ranks)

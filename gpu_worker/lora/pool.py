@@ -214,18 +214,25 @@ class AdapterPool:
         self.cpu.move_to_end(name)
         if adapter.rank > self.rank_width:
             self._grow(adapter.rank)
-        r_width = self.rank_width
+        width = self.rank_width
+        # Every element of the slot is written once: the adapter's A^T / B^T (already in this layout, so
+        # contiguous reads), zeros for the rank padding and for modules the adapter does not target.
         for layer, modules in enumerate(self.weights):
             for fused, (at, bts) in modules.items():
-                at[slot].zero_()
                 for j, (module, bt) in enumerate(zip(FUSED_SUBS[fused], bts)):
-                    bt[slot].zero_()
+                    cols = at[slot, :, j * width:(j + 1) * width]
                     pair = adapter.weights.get((layer, module))
-                    if pair is not None:
-                        a, b = pair  # a [r, in], b [size, r]
-                        r = a.shape[0]
-                        at[slot, :, j * r_width:j * r_width + r].copy_(a.T, non_blocking=True)
-                        bt[slot, :r].copy_(b.T, non_blocking=True)
+                    if pair is None:
+                        cols.zero_()
+                        bt[slot].zero_()
+                        continue
+                    a_t, b_t = pair  # [in, r], [r, size]
+                    r = a_t.shape[1]
+                    cols[:, :r].copy_(a_t, non_blocking=True)
+                    bt[slot, :r].copy_(b_t, non_blocking=True)
+                    if r < width:
+                        cols[:, r:].zero_()
+                        bt[slot, r:].zero_()
         self.slots[slot] = name
         self.slot_of[name] = slot
         self.swaps += 1
