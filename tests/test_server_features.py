@@ -544,3 +544,22 @@ def test_talk_prompts_show_facts_retrieved_for_the_session_and_keep_them(worker_
     assert first == second == third
     # A new session retrieves for its own first input.
     assert any("ruin" in line for line in next_session) and len(next_session) == 5
+
+
+def test_a_long_session_is_summarized_within_the_worker_s_context(worker_endpoint, tokenizer, prefix):
+    # 30 long turns: the whole transcript (6,000 characters kept) would not fit the fixture model's 2,048
+    # positions with 200 new tokens; the server keeps fewer, older-first-dropped lines until it does.
+    turns = [prompts.Line("player" if i % 2 else "npc", f"Turn {i}: " + "the night is long and cold " * 10)
+             for i in range(30)]
+
+    async def go(server, worker, memory):
+        submitted = spy_submit(worker)
+        text = await server.summarize_turns(turns)
+        return text, items_of(submitted), worker.worker.max_model_len, dict(server.counters)
+
+    text, items, limit, counters = run(_with_server(worker_endpoint, tokenizer, prefix, go))
+    (request,) = items
+    assert limit == 2048 and len(request.prompt) + request.params.max_tokens <= limit
+    prompt = tokenizer.decode(request.prompt)
+    assert "Turn 29:" in prompt and "Turn 0:" not in prompt and "earlier lines not shown" in prompt
+    assert counters["summaries"] == 1 and isinstance(text, str)

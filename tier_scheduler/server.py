@@ -926,9 +926,15 @@ class SchedulerServer:
         falls back to its extractive summary."""
         if not turns:
             return ""
-        ids = self.pieces.encode(prompts.summary_pieces(turns))
-        params = _sampling(self.server_config, self.config.summary_max_tokens,
-                           self.server_config.summary_temperature)
+        max_tokens = self.config.summary_max_tokens
+        hello = getattr(self.worker, "worker", None)  # the worker's HELLO reply: its context length
+        limit = getattr(hello, "max_model_len", 0) or 0
+        budget = prompts.SUMMARY_TRANSCRIPT_CHARS
+        ids = self.pieces.encode(prompts.summary_pieces(turns, budget))
+        while limit and len(ids) + max_tokens > limit and budget > 500:  # fewer (older) lines until it fits
+            budget //= 2
+            ids = self.pieces.encode(prompts.summary_pieces(turns, budget))
+        params = _sampling(self.server_config, max_tokens, self.server_config.summary_temperature)
         request = _worker_request(ids, (), params, self._request_id("memory", "summary"))
         stream = await self._enqueue("memory", Tier.BRONZE, "summary", request, len(ids))
         if isinstance(stream, str):
