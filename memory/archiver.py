@@ -333,6 +333,7 @@ class PgWriter:
         self.conn: asyncpg.Connection | None = None
         self.weeks: set = set()
         self.insert_sql = _INSERT_SQL.format(s=cfg.schema)
+        self.insert: asyncpg.prepared_stmt.PreparedStatement | None = None  # on self.conn
 
     async def write(self, rows: Sequence[ArchiveRow]) -> int:
         """Archives rows in one transaction; returns how many were new (the rest were already archived)."""
@@ -343,8 +344,8 @@ class PgWriter:
             self.weeks |= missing
         async with conn.transaction():
             await conn.copy_records_to_table("archiver_staging", records=rows)
-            status = await conn.execute(self.insert_sql)
-        return int(status.rsplit(" ", 1)[-1])  # "INSERT 0 <rows>"
+            await self.insert.fetch()
+        return int(self.insert.get_statusmsg().rsplit(" ", 1)[-1])  # "INSERT 0 <rows>"
 
     async def _connection(self) -> asyncpg.Connection:
         if self.conn is None or self.conn.is_closed():
@@ -352,6 +353,10 @@ class PgWriter:
                                          command_timeout=self.cfg.command_timeout_s)
             try:
                 await conn.execute(_STAGING_DDL)
+                # Prepared once per connection: planning the insert (a CTE into a partitioned table) for
+                # every batch cost PostgreSQL more than executing it. New or dropped partitions invalidate
+                # the plan and PostgreSQL replans by itself.
+                self.insert = await conn.prepare(self.insert_sql)
                 self.weeks = await archive_schema.existing_weeks(conn, self.cfg.schema)
             except BaseException:
                 conn.terminate()
