@@ -628,7 +628,8 @@ async def serve(args: argparse.Namespace) -> int:
     curve = _curve_keys(args)
     tokenizer = load_tokenizer(args.model)
     try:
-        memory_config = MemoryConfig(key_prefix=args.key_prefix, cold_restore=not args.no_cold_restore)
+        memory_config = MemoryConfig(key_prefix=args.key_prefix, cold_restore=not args.no_cold_restore,
+                                     embeddings=args.embeddings)
     except ValueError as e:
         raise StartupError(str(e)) from None
     redis_client = connect(args.redis_url, memory_config)
@@ -689,6 +690,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-prefix", default="npc:mem:", help="prefix of every Redis key of the memory")
     p.add_argument("--no-cold-restore", action="store_true", help="never ask the restore job for archived "
                    "history of pairs that Redis has forgotten")
+    p.add_argument("--embeddings", action="store_true", help="rank salient facts by sentence-embedding "
+                   "relevance (all-MiniLM-L6-v2, bundled; loaded at start, one short forward pass per "
+                   "session start on the event loop) instead of keyword overlap")
     p.add_argument("--adapters", nargs="*", default=[], metavar="NAME", help="adapters the worker should "
                    "load (from its adapters folder) before serving")
     p.add_argument("--adapters-refresh", type=float, default=30.0, help="seconds between reads of the "
