@@ -563,3 +563,38 @@ def test_a_long_session_is_summarized_within_the_worker_s_context(worker_endpoin
     prompt = tokenizer.decode(request.prompt)
     assert "Turn 29:" in prompt and "Turn 0:" not in prompt and "earlier lines not shown" in prompt
     assert counters["summaries"] == 1 and isinstance(text, str)
+
+
+def test_a_slow_worker_summary_falls_back_in_time_and_frees_the_worker(worker_endpoint, tokenizer, prefix):
+    # A summary that does not finish within summary_timeout_s is dropped (the worker's request aborted) and
+    # the store writes its extractive one: a game's END_SESSION never waits for a busy worker.
+    npc = "vamp-slow-summary"
+
+    async def go(server, worker, memory):
+        server.register_npc(npc, "vampire", "nosferatu", position=(3.0, 0.0, 0.0), name="Mirela")
+        await server.tick({PLAYER: NEAR})
+        await asyncio.gather(*server._background)
+        for line in ("Good evening, Mirela.", "I promised to bring you the silver dagger."):
+            await _talk(server, npc, line)
+        aborted, real_abort = [], worker.abort
+
+        async def abort(request_ids, **kwargs):  # recorded, then passed on to the real worker
+            aborted.extend(request_ids)
+            return await real_abort(request_ids, **kwargs)
+
+        worker.abort = abort
+        start = asyncio.get_running_loop().time()
+        outcome = await memory.end_session(npc, PLAYER)  # 200 new tokens cannot come in 50 ms here
+        took = asyncio.get_running_loop().time() - start
+        for _ in range(100):  # the abort reaches the worker in the background
+            if (await worker.stats())["in_flight"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        return outcome, took, dict(server.counters), await worker.stats(), aborted
+
+    outcome, took, counters, stats, aborted = run(_with_server(
+        worker_endpoint, tokenizer, prefix, go, server_config=ServerConfig(summary_timeout_s=0.05)))
+    assert outcome.method == "extractive" and 300 <= len(outcome.summary_text) <= 600
+    assert counters["summary_fallbacks"] == 1 and counters["summaries"] == 0
+    assert took < 5.0 and stats["in_flight"] == 0
+    assert [rid for rid in aborted if rid.startswith("summary-")], aborted  # not left to run to its end

@@ -165,6 +165,7 @@ class ServerConfig:
     # has a summarizer; without an answer in time it falls back to its extractive summary.
     worker_summaries: bool = True
     summary_temperature: float = 0.3
+    summary_timeout_s: float = 10.0  # queue + generation; later, the store's extractive summary is written
 
     def __post_init__(self):
         for name in ("talk_temperature", "act_temperature", "summary_temperature"):
@@ -178,7 +179,7 @@ class ServerConfig:
         if len(self.default_position) != 3:
             raise ValueError(f"ServerConfig.default_position must have 3 coordinates, got "
                              f"{self.default_position!r}")
-        for name in ("horde_cell_m", "registry_timeout_s", "registry_retry_s"):
+        for name in ("horde_cell_m", "registry_timeout_s", "registry_retry_s", "summary_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"ServerConfig.{name} must be a finite number > 0, got {value!r}")
@@ -293,7 +294,7 @@ class SchedulerServer:
         self.counters = dict.fromkeys(("talks", "acts", "barks", "degraded", "shed", "invalid_actions",
                                        "worker_errors", "prefetches", "warmed", "worker_requests",
                                        "talk_chains", "horde_acts", "stack_resolves", "adapter_loads",
-                                       "summaries"), 0)
+                                       "summaries", "summary_fallbacks"), 0)
         self._summarizes_memory = (self.server_config.worker_summaries and memory is not None
                                    and getattr(memory, "summarize", False) is None)
         if self._summarizes_memory:
@@ -922,10 +923,18 @@ class SchedulerServer:
     async def summarize_turns(self, turns: Sequence) -> str:
         """A session summary written by the worker (the memory store's `summarize` when this server set
         it): one "summary" request in the Bronze lane, on the base model, prompt
-        prompts.summary_pieces. Raises when it does not run (shed, expired, worker error): the store then
-        falls back to its extractive summary."""
+        prompts.summary_pieces. Raises when it does not run or finish within summary_timeout_s (shed,
+        expired, worker error, too slow; counted in `summary_fallbacks`): the store then falls back to its
+        extractive summary, well before a game's END_SESSION request times out."""
         if not turns:
             return ""
+        try:
+            return await asyncio.wait_for(self._summarize(turns), self.server_config.summary_timeout_s)
+        except BaseException:
+            self.counters["summary_fallbacks"] += 1
+            raise
+
+    async def _summarize(self, turns: Sequence) -> str:
         max_tokens = self.config.summary_max_tokens
         hello = getattr(self.worker, "worker", None)  # the worker's HELLO reply: its context length
         limit = getattr(hello, "max_model_len", 0) or 0
@@ -940,7 +949,10 @@ class SchedulerServer:
         if isinstance(stream, str):
             raise RuntimeError(f"the summary request did not run: {stream}")
         try:
-            result = await stream.result(self.server_config.worker_timeout_s)
+            result = await stream.result()
+        except asyncio.CancelledError:  # too slow: nobody will read it, free the worker's slot
+            self._spawn(self.worker.abort([stream.request_id]))
+            raise
         except Exception:
             self.counters["worker_errors"] += 1
             raise
