@@ -204,6 +204,11 @@ def _bad(where: str, message: str, code: int = GameErrorCode.BAD_FIELD) -> GameP
     return GameProtocolError(code, f"{where}: {message}")
 
 
+def _cap(max_len: str | int, limits) -> int:
+    """A spec's size limit: a number, or the name of a GameLimits field."""
+    return max_len if isinstance(max_len, int) else getattr(limits, max_len)
+
+
 def _too_many(where: str, n: int, cap: int) -> GameProtocolError:
     return _bad(where, f"{n} entries, more than the limit of {cap}", GameErrorCode.LIMIT_EXCEEDED)
 
@@ -226,7 +231,7 @@ class Str(Spec):
     def check(self, value, where, limits):
         if type(value) is not str:
             raise _bad(where, f"expected a string, got {_kind(value)}")
-        cap = self.max_len if isinstance(self.max_len, int) else getattr(limits, self.max_len)
+        cap = _cap(self.max_len, limits)
         if len(value) > cap:
             raise _bad(where, f"{len(value)} characters, more than the limit of {cap}",
                        GameErrorCode.LIMIT_EXCEEDED)
@@ -311,7 +316,7 @@ class List(Spec):
     def check(self, value, where, limits):
         if type(value) is not list:
             raise _bad(where, f"expected an array, got {_kind(value)}")
-        cap = self.max_len if isinstance(self.max_len, int) else getattr(limits, self.max_len)
+        cap = _cap(self.max_len, limits)
         if len(value) > cap:
             raise _too_many(where, len(value), cap)
         out = [self.item.check(v, f"{where}[{i}]", limits) for i, v in enumerate(value)]
@@ -335,7 +340,7 @@ class MapOf(Spec):
     def check(self, value, where, limits):
         if type(value) is not dict:
             raise _bad(where, f"expected a map, got {_kind(value)}")
-        cap = self.max_len if isinstance(self.max_len, int) else getattr(limits, self.max_len)
+        cap = _cap(self.max_len, limits)
         if len(value) > cap:
             raise _too_many(where, len(value), cap)
         out = {}
