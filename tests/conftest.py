@@ -54,6 +54,14 @@ def qwen2_dir(tmp_path_factory, tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def tokenizer(qwen2_dir):
+    """The Qwen2 fixture's tokenizer as the scheduler loads it (transformers' AutoTokenizer)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(qwen2_dir))
+
+
+@pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory, tokenizer_dir):
     """Llama: untied head, no bias, sharded safetensors."""
     return _model_with_tokenizer(tmp_path_factory, tokenizer_dir, "llama", family="llama", seed=1,

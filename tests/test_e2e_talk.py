@@ -39,13 +39,6 @@ def worker_endpoint(qwen2_dir, adapters, tmp_path_factory):
     yield from serve_adapters(qwen2_dir, adapters, tmp_path_factory.mktemp("e2e-adapters"), ADAPTER_FILES)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(qwen2_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(qwen2_dir))
-
-
 async def _sql(query: str, *args) -> list:
     conn = await asyncpg.connect(services.database_url())
     try:

@@ -27,6 +27,7 @@ from memory.config import MemoryConfig
 from memory.store import MemoryStore, connect
 from plugin_bindings import ActContext, AsyncRemoteGameClient, RemoteGameClient, TalkResult
 from plugin_bindings.remote import RemoteCardTooLarge, RemoteInvalidRequest, UnknownNpcError
+from tests import test_e2e_talk as e2e
 from tests.test_worker import private_endpoint, serve_adapters, stop
 from tier_scheduler import actions, prompts
 from tier_scheduler import game_wire as gw
@@ -221,19 +222,9 @@ def test_register_tick_talk_records_the_turn(scheduler):
     assert remembered.source == "redis" and [(t.speaker, t.text) for t in remembered.turns] == said
 
 
-def _world() -> dict[str, actions.Entity]:
-    entities = [
-        actions.Entity("zed-1", "npc", (0.0, 0.0, 1.0), archetype="zombie", horde_id=3),
-        actions.Entity("vamp-1", "npc", (1.0, 0.0, 0.0), archetype="vampire"),
-        actions.Entity(PLAYER, "player", (1.5, 0.0, 0.5)),
-        actions.Entity("body-1", "npc", (0.5, 0.0, 0.0), alive=False, archetype="ghoul"),
-    ]
-    return {e.entity_id: e for e in entities}
-
-
 def test_act_and_concurrent_talks_over_one_client(scheduler):
     _, endpoint, _ = scheduler
-    world = _world()
+    world = e2e._world()
 
     async def go():
         async with AsyncRemoteGameClient(endpoint, timeout_s=30) as game:

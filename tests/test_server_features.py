@@ -53,13 +53,6 @@ def worker_endpoint(qwen2_dir, adapters, tmp_path_factory):
     yield from serve_adapters(qwen2_dir, adapters, tmp_path_factory.mktemp("feature-adapters"), WORKER_FILES)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(qwen2_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(qwen2_dir))
-
-
 def _with_server(endpoint, tokenizer, prefix, fn, *, resident=frozenset(WORKER_FILES), **kwargs):
     return e2e._with_server(endpoint, tokenizer, prefix, fn, resident=resident, **kwargs)
 
