@@ -936,8 +936,8 @@ class SchedulerServer:
 
     async def _summarize(self, turns: Sequence) -> str:
         max_tokens = self.config.summary_max_tokens
-        hello = getattr(self.worker, "worker", None)  # the worker's HELLO reply: its context length
-        limit = getattr(hello, "max_model_len", 0) or 0
+        hello = self.worker.worker  # the worker's HELLO reply (None while reconnecting): its context length
+        limit = hello.max_model_len if hello is not None else 0
         budget = prompts.SUMMARY_TRANSCRIPT_CHARS
         ids = self.pieces.encode(prompts.summary_pieces(turns, budget))
         while limit and len(ids) + max_tokens > limit and budget > 500:  # fewer (older) lines until it fits
